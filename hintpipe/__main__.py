@@ -1,0 +1,3 @@
+from hintpipe.cli import main
+
+raise SystemExit(main())
