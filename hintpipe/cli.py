@@ -1,0 +1,155 @@
+"""Command line: ``hintpipe demo | guest | host | replay | record | inspect | trace``.
+
+argparse (standard library) rather than click: the commands are few and flat, and one fewer
+dependency is one fewer thing to pin. Every user error ends as one sentence on stderr and exit
+code 2; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from hintpipe import PAGE_SIZE
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class UsageError(Exception):
+    """A user-facing error: printed as one sentence, exit status 2."""
+
+
+def parse_size(text: str) -> int:
+    """``4G``, ``512M``, ``1T`` or a plain byte count -> number of 4 KiB pages."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4G, 512M, 1T)")
+    nbytes = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    pages = nbytes // PAGE_SIZE
+    if pages < 1024:
+        raise argparse.ArgumentTypeError(f"size {text!r} is below the 4 MiB minimum")
+    return pages
+
+
+def add_guest_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs a guest: size, workload, walker, race mode."""
+    g = p.add_argument_group("guest")
+    g.add_argument("--size", type=parse_size, default=1 << 20, metavar="SIZE",
+                   help="guest RAM (default 4G = 2^20 pages of 4 KiB)")
+    g.add_argument("--workload", choices=("churn", "idle"), default="churn")
+    g.add_argument("--seed", type=int, default=1, help="workload random seed (default 1)")
+    g.add_argument("--ops-per-s", type=float, default=None, help="churn: alloc+free operations per second")
+    g.add_argument("--writes-per-s", type=float, default=None, help="page rewrites per second")
+    g.add_argument("--batch", type=int, default=32, help="max blocks per lock hold (default 32)")
+    g.add_argument("--min-order", type=int, default=9, help="smallest block order hinted (default 9 = 2 MiB)")
+    g.add_argument("--race-mode", choices=("detect", "isolate"), default="detect",
+                   help="detect: blocks stay allocatable, write-protect catches reuse (default); "
+                        "isolate: blocks leave the free lists until the host acks them")
+
+
+def add_migration_options(p: argparse.ArgumentParser) -> None:
+    """Options of the migration engine."""
+    g = p.add_argument_group("migration")
+    g.add_argument("--bandwidth", type=float, default=10.0, metavar="GBIT", help="link speed in Gbit/s (default 10)")
+    g.add_argument("--max-rounds", type=int, default=30)
+    g.add_argument("--downtime-ms", type=float, default=300.0, help="stop-and-copy when the rest fits (default 300)")
+    g.add_argument("--queue-size", type=int, default=256, help="virtqueue descriptors (default 256)")
+    g.add_argument("--no-event-idx", action="store_true", help="notify on every buffer (no EVENT_IDX suppression)")
+
+
+def sim_config_from(args: argparse.Namespace):
+    """Build a :class:`SimConfig` from parsed options (raises UsageError on bad combinations)."""
+    from hintpipe.guest.workload import WorkloadConfig
+    from hintpipe.host.migration import MigrationConfig
+    from hintpipe.sim import SimConfig
+
+    wkw = {"seed": args.seed}
+    if args.ops_per_s is not None:
+        wkw["ops_per_s"] = args.ops_per_s
+    if args.writes_per_s is not None:
+        wkw["write_pages_per_s"] = args.writes_per_s
+    try:
+        wl = WorkloadConfig.idle(**wkw) if args.workload == "idle" else WorkloadConfig(**wkw)
+        mig = MigrationConfig(bandwidth_gbit=args.bandwidth, max_rounds=args.max_rounds, downtime_ms=args.downtime_ms)
+        return SimConfig(
+            pages=args.size,
+            workload=wl,
+            migration=mig,
+            batch=args.batch,
+            min_order=args.min_order,
+            race_mode=args.race_mode,
+            queue_size=args.queue_size,
+            event_idx=not args.no_event_idx,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def format_summary(rep: dict) -> str:
+    """Human-readable summary of a migration report (the same figures as --json)."""
+    c, m, h, lk = rep["config"], rep["migration"], rep["hints"], rep["lock"]
+    base = m.get("pages_sent_baseline")
+    lines = [
+        f"guest {c['gib']} GiB ({c['pages']} pages), workload {c['workload']}, "
+        f"link {c['bandwidth_gbit']} Gbit/s, race mode {c['race_mode']}, batch {c['batch']}, min order {c['min_order']}",
+        f"pages sent        {m['pages_sent']:>12,}" + (f"   (baseline without hinting {base:,}, saved {m.get('pages_saved_pct', 0)}%)" if base else ""),
+        f"pages skipped     {m['pages_skipped']:>12,}   skip efficiency {m['skip_efficiency']}",
+        f"rounds            {m['rounds']:>12}   migration time {m['time_s']:.3f} s"
+        + (f" (baseline {m['time_s_baseline']:.3f} s)" if m.get("time_s_baseline") is not None else "")
+        + f", downtime {m['downtime_ms']:.1f} ms",
+        f"hints             {h['messages']:>12,} messages, {h['ranges']:,} ranges, {h['pages']:,} pages"
+        f" ({h['stale_messages']} stale dropped)",
+        f"write faults      {rep['faults']:>12,}",
+        f"zone lock         max hold {lk['max_hold_us']} us (p99 {lk['p99_hold_us']} us), "
+        f"max allocation wait {lk['max_alloc_wait_us']} us",
+        f"verification      {m['allocated_pages']:,} allocated pages checked, lost {m['lost_pages']}: "
+        + ("VERIFIED" if m["verified"] else "LOSS DETECTED"),
+    ]
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hintpipe.sim import run_sim
+
+    cfg = sim_config_from(args)
+    rep = run_sim(cfg, baseline=not args.no_baseline)
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        print(format_summary(rep))
+    return 0 if rep["migration"]["verified"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (subcommands register themselves here)."""
+    p = argparse.ArgumentParser(prog="hintpipe", description="Free page hinting for live migration.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="migrate a simulated VM in one process, with and without hinting")
+    add_guest_options(d)
+    add_migration_options(d)
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.add_argument("--no-baseline", action="store_true", help="skip the migration without hinting")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hintpipe`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"hintpipe: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hintpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The guest's hinting driver: answers host rounds with lock-bounded walks of the free lists.
+
+For each ``StartRound(cmd_id)`` it starts one walk (a task in its nursery): take the zone lock,
+let the walker pick at most ``batch`` blocks within its time budget, drop the lock, send the
+blocks as one ``Hints`` frame, yield, repeat, and finish with ``RoundEnd``. A ``StopRound`` cancels
+the walk at its next checkpoint. Credits (``Ack``) bound the frames in flight; in ``isolate`` mode
+the blocks of a frame stay off the free lists until the host acks that frame, as Linux free page
+reporting keeps reported pages isolated while the host handles them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from hintpipe.guest.walker import FreeListWalker
+from hintpipe.guest.zonelock import ZoneLock
+from hintpipe.protocol import (
+    Ack,
+    Bye,
+    Done,
+    Error,
+    GuestConnection,
+    ProtocolError,
+    StartRound,
+    StopRound,
+    Welcome,
+)
+
+
+class MigrationFailed(Exception):
+    """The host reported the migration failed, or closed the connection with an error."""
+
+
+@dataclass
+class ProducerStats:
+    """What the producer sent."""
+
+    rounds: int = 0
+    frames: int = 0
+    ranges: int = 0
+    pages: int = 0
+    walks_cancelled: int = 0
+
+
+class Producer:
+    """Guest side of one connection. ``endpoint`` has ``send_frame``, ``receive`` and ``aclose``."""
+
+    def __init__(
+        self,
+        endpoint,
+        walker: FreeListWalker,
+        zone: ZoneLock,
+        page_count: int,
+        *,
+        window: int = 256,
+        name: str = "guest",
+    ) -> None:
+        self.endpoint = endpoint
+        self.walker = walker
+        self.zone = zone
+        self.page_count = page_count
+        self.window = window
+        self.name = name
+        self.conn = GuestConnection()
+        self.stats = ProducerStats()
+        self.result: Done | None = None
+        self._walk_scope: trio.CancelScope | None = None
+        self._walk_id: int | None = None
+        self._walk_batches = 0
+        self._ended: set[int] = set()
+        self._credit = trio.Event()
+        self._inflight: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self._send_lock = trio.Lock()
+
+    async def _send(self, frame: bytes) -> None:
+        async with self._send_lock:
+            await self.endpoint.send_frame(frame)
+
+    async def run(self) -> Done:
+        """Say hello, serve rounds until the host sends ``Done``; return it."""
+        await self._send(self.conn.hello(self.page_count, window=self.window, name=self.name))
+        async with trio.open_nursery() as nursery:
+            try:
+                while self.result is None:
+                    data = await self.endpoint.receive()
+                    if not data:
+                        raise MigrationFailed("host closed the connection before the migration finished")
+                    self.conn.receive_data(data)
+                    while (ev := self.conn.next_event()) is not None:
+                        await self._handle(ev, nursery)
+                        if self.result is not None:
+                            break
+            except ProtocolError as e:
+                await self._send(self.conn.error(e.code, e.message))
+                raise MigrationFailed(f"protocol error from host: {e}") from e
+            finally:
+                nursery.cancel_scope.cancel()
+                self._release_all_inflight()
+        if not self.result.ok:
+            raise MigrationFailed(f"host reports the migration failed: {self.result.summary}")
+        return self.result
+
+    async def _handle(self, ev, nursery: trio.Nursery) -> None:
+        if isinstance(ev, StartRound):
+            await self._stop_walk()
+            self.stats.rounds += 1
+            await nursery.start(self._walk, ev.cmd_id)
+        elif isinstance(ev, StopRound):
+            await self._stop_walk()
+        elif isinstance(ev, Ack):
+            await self._on_ack(ev.count)
+        elif isinstance(ev, Done):
+            self.result = ev
+        elif isinstance(ev, Error):
+            raise MigrationFailed(f"host closed with error {ev.code}: {ev.message}")
+        elif isinstance(ev, Bye):
+            raise MigrationFailed(f"host said goodbye before the migration finished: {ev.reason}")
+        elif isinstance(ev, Welcome):
+            pass
+
+    async def _stop_walk(self) -> None:
+        """Cancel a running walk and tell the host it ended (once per command id)."""
+        if self._walk_scope is not None:
+            self._walk_scope.cancel()
+            self.stats.walks_cancelled += 1
+        await self._end_round()
+
+    async def _end_round(self) -> None:
+        cmd_id = self._walk_id
+        if cmd_id is not None and cmd_id not in self._ended:
+            self._ended.add(cmd_id)
+            await self._send(self.conn.round_end(cmd_id, self._walk_batches))
+        self._walk_scope = None
+        self._walk_id = None
+
+    async def _on_ack(self, count: int) -> None:
+        self._credit.set()
+        self._credit = trio.Event()
+        if not self._inflight:
+            return
+        done = [self._inflight.popleft() for _ in range(min(count, len(self._inflight)))]
+        async with self.zone.allocator():
+            for pfns, orders in done:
+                self.walker.release(pfns, orders)
+
+    def _release_all_inflight(self) -> None:
+        # leaving: blocks isolated for frames the host never acked go back to the free lists
+        while self._inflight:
+            self.walker.release(*self._inflight.popleft())
+
+    async def _walk(self, cmd_id: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._walk_scope = scope
+            self._walk_id = cmd_id
+            self._walk_batches = 0
+            task_status.started()
+            async with self.zone.walker():
+                self.walker.start_round()
+            while True:
+                while self.conn.credits_available <= 0:
+                    await self._credit.wait()
+                # the kernel cannot interrupt a lock holder either: a StopRound lands after the batch
+                with trio.CancelScope(shield=True):
+                    async with self.zone.walker():
+                        pfns, orders = self.walker.next_batch()
+                if len(pfns) == 0:
+                    break
+                ranges = np.column_stack((pfns.astype(np.uint64), np.left_shift(np.uint64(1), orders.astype(np.uint64))))
+                frame = self.conn.hints(cmd_id, ranges)
+                if self.walker.isolate:
+                    self._inflight.append((pfns, orders))  # before sending: the ack may come at once
+                try:
+                    await self._send(frame)
+                except trio.Cancelled:
+                    if self.walker.isolate:  # never posted: nobody will ack it
+                        self.walker.release(*self._inflight.pop())
+                    raise
+                self._walk_batches += 1
+                self.stats.frames += 1
+                self.stats.ranges += len(pfns)
+                self.stats.pages += int(ranges[:, 1].sum())
+                await trio.sleep(0)
+        if not scope.cancelled_caught and self._walk_id == cmd_id:
+            await self._end_round()

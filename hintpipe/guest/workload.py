@@ -1,0 +1,205 @@
+"""Guest workloads: what the vCPUs do to memory while the guest is being migrated.
+
+Both workloads boot the same way: ``static_fraction`` of memory is allocated in max-order
+blocks and written once (kernel, page cache, a resident application). ``idle`` then only touches
+a few static pages per second. ``churn`` also allocates and frees blocks of a configurable order
+mix around ``churn_fraction`` of memory, writes each block it allocates (an allocation is a
+write), and rewrites random allocated pages. Time is trio's clock; all randomness comes from one
+seeded generator, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+
+from hintpipe.guest.buddy import MAX_ORDER, BuddyAllocator, MigrateType
+from hintpipe.guest.memory import GuestMemory, block_pages
+from hintpipe.guest.zonelock import ZoneLock
+
+DEFAULT_ORDER_MIX = ((0, 0.55), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.05), (9, 0.1))
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """Knobs of a workload. Rates are per second of (virtual) guest time."""
+
+    kind: str = "churn"
+    static_fraction: float = 0.30
+    churn_fraction: float = 0.20
+    ops_per_s: float = 40_000.0
+    write_pages_per_s: float = 60_000.0
+    order_mix: tuple[tuple[int, float], ...] = DEFAULT_ORDER_MIX
+    unmovable_fraction: float = 0.2
+    tick_s: float = 0.002
+    seed: int = 1
+
+    @classmethod
+    def idle(cls, **kw) -> "WorkloadConfig":
+        """An idle guest: booted, resident memory, a trickle of writes, no allocation churn."""
+        base = dict(kind="idle", ops_per_s=0.0, write_pages_per_s=2_000.0, churn_fraction=0.0)
+        base.update(kw)
+        return cls(**base)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("idle", "churn"):
+            raise ValueError(f"unknown workload {self.kind!r} (idle or churn)")
+        if not 0 <= self.static_fraction + self.churn_fraction < 1:
+            raise ValueError("static_fraction + churn_fraction must be in [0, 1)")
+        for order, weight in self.order_mix:
+            if not 0 <= order <= MAX_ORDER or weight < 0:
+                raise ValueError(f"bad order mix entry {(order, weight)}")
+
+
+@dataclass
+class WorkloadStats:
+    """What the workload did."""
+
+    allocs: int = 0
+    frees: int = 0
+    alloc_failures: int = 0
+    pages_written: int = 0
+    ticks: int = 0
+
+
+class PauseGate:
+    """Lets the migration pause the vCPUs for stop-and-copy (and resume them).
+
+    ``pause()`` returns only once every running vCPU is parked at its gate, so no write can land
+    after the final send set is taken.
+    """
+
+    def __init__(self) -> None:
+        self._running = trio.Event()
+        self._running.set()
+        self._parked = trio.Event()
+        self.paused = False
+        self.vcpus = 0
+
+    async def pause(self) -> None:
+        """Stop the vCPUs at their next step and wait until they have stopped."""
+        self.paused = True
+        self._running = trio.Event()
+        self._parked = trio.Event()
+        if self.vcpus:
+            await self._parked.wait()
+
+    def resume(self) -> None:
+        """Let the vCPUs run again."""
+        self.paused = False
+        self._running.set()
+
+    async def checkpoint(self) -> None:
+        """Called by a vCPU between steps: park here while paused."""
+        if self.paused:
+            self._parked.set()
+            await self._running.wait()
+
+
+@dataclass
+class Workload:
+    """Drives one guest's allocator and memory according to a :class:`WorkloadConfig`."""
+
+    cfg: WorkloadConfig
+    alloc: BuddyAllocator
+    memory: GuestMemory
+    zone: ZoneLock
+    gate: PauseGate = field(default_factory=PauseGate)
+    stats: WorkloadStats = field(default_factory=WorkloadStats)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self._orders = np.array([o for o, _ in self.cfg.order_mix], dtype=np.int64)
+        w = np.array([w for _, w in self.cfg.order_mix], dtype=float)
+        self._order_p = w / w.sum() if w.sum() > 0 else None
+        self._blocks: list[tuple[int, int, int]] = []  # churn blocks (pfn, order, mt)
+        self._churn_pages = 0
+        self._static = np.empty(0, dtype=np.int64)
+
+    async def boot(self) -> None:
+        """Allocate and write the static memory (before migration starts)."""
+        n = int(self.alloc.page_count * self.cfg.static_fraction)
+        async with self.zone.allocator():
+            heads = self.alloc.alloc_bulk(n, MAX_ORDER)
+        self._static = np.asarray(heads, dtype=np.int64)
+        if len(self._static):
+            pages = block_pages(self._static, np.full(len(self._static), MAX_ORDER))
+            await self.memory.write(pages)
+            self.stats.pages_written += len(pages)
+
+    async def run(self) -> None:
+        """Run forever (until cancelled), one tick of work per ``tick_s`` of guest time."""
+        cfg = self.cfg
+        carry_ops = carry_writes = 0.0
+        self.gate.vcpus += 1
+        try:
+            while True:
+                await trio.sleep(cfg.tick_s)
+                await self.gate.checkpoint()
+                self.stats.ticks += 1
+                carry_ops += cfg.ops_per_s * cfg.tick_s
+                carry_writes += cfg.write_pages_per_s * cfg.tick_s
+                nops, carry_ops = int(carry_ops), carry_ops - int(carry_ops)
+                nw, carry_writes = int(carry_writes), carry_writes - int(carry_writes)
+                if nops:
+                    await self._churn(nops)
+                if nw:
+                    await self._rewrite(nw)
+        finally:
+            self.gate.vcpus -= 1
+
+    async def _churn(self, nops: int) -> None:
+        rng = self.rng
+        target = self.cfg.churn_fraction * self.alloc.page_count
+        orders = rng.choice(self._orders, size=nops, p=self._order_p)
+        coins = rng.random(nops)
+        mts = np.where(rng.random(nops) < self.cfg.unmovable_fraction, MigrateType.UNMOVABLE, MigrateType.MOVABLE)
+        new_pfns: list[int] = []
+        new_orders: list[int] = []
+        async with self.zone.allocator():
+            for i in range(nops):
+                # steer around the target: allocate more often below it, free more often above
+                p_alloc = 0.5 + 0.4 * float(np.clip((target - self._churn_pages) / max(target, 1), -1, 1))
+                if coins[i] < p_alloc or not self._blocks:
+                    order, mt = int(orders[i]), MigrateType(int(mts[i]))
+                    pfn = self.alloc.alloc(order, mt)
+                    if pfn is None:
+                        self.stats.alloc_failures += 1
+                        continue
+                    self._blocks.append((pfn, order, mt))
+                    self._churn_pages += 1 << order
+                    new_pfns.append(pfn)
+                    new_orders.append(order)
+                    self.stats.allocs += 1
+                else:
+                    j = int(rng.integers(len(self._blocks)))
+                    self._blocks[j], self._blocks[-1] = self._blocks[-1], self._blocks[j]
+                    pfn, order, mt = self._blocks.pop()
+                    self.alloc.free(pfn, order, mt)
+                    self._churn_pages -= 1 << order
+                    self.stats.frees += 1
+        if new_pfns:
+            pages = block_pages(np.array(new_pfns), np.array(new_orders))
+            await self.memory.write(pages)
+            self.stats.pages_written += len(pages)
+
+    async def _rewrite(self, npages: int) -> None:
+        """Rewrite ``npages`` random allocated pages: half static, half churn blocks."""
+        rng = self.rng
+        parts = []
+        n_static = npages if not self._blocks else npages // 2
+        if len(self._static) and n_static:
+            heads = self._static[rng.integers(len(self._static), size=n_static)]
+            parts.append(heads + rng.integers(1 << MAX_ORDER, size=n_static))
+        n_churn = npages - n_static
+        if self._blocks and n_churn:
+            idx = rng.integers(len(self._blocks), size=n_churn)
+            pfn = np.fromiter((self._blocks[i][0] for i in idx), dtype=np.int64, count=n_churn)
+            order = np.fromiter((self._blocks[i][1] for i in idx), dtype=np.int64, count=n_churn)
+            parts.append(pfn + (rng.integers(1 << 30, size=n_churn) & ((1 << order) - 1)))
+        if parts:
+            pages = np.unique(np.concatenate(parts))
+            await self.memory.write(pages)
+            self.stats.pages_written += len(pages)

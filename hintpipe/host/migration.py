@@ -1,0 +1,225 @@
+"""Pre-copy live migration in trio time, with free page hinting, and the loss oracle.
+
+Round 0 sends every page, each later round the pages written during the previous one; pages
+in the skip bitmap are not sent. The link is modelled by sleeping ``bytes * 8 / bandwidth`` per
+chunk of pages, so under trio's MockClock a migration of a 4 GiB guest over 10 Gbit/s takes its
+3.4 s of virtual time in well under a second of wall time. Hinting runs during each live round
+under that round's command id and stops before the next round's write tracking starts (as QEMU
+stops hinting before its dirty-bitmap sync). When the rest would fit the downtime target, or at
+the round limit, the guest is paused and the rest is sent (stop-and-copy). The verifier then
+compares every allocated page at the destination with the source: ``lost_pages`` must be 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+import trio
+
+from hintpipe import PAGE_SIZE
+from hintpipe.host.pagestate import HostPageState
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    """Link and convergence settings."""
+
+    bandwidth_gbit: float = 10.0
+    max_rounds: int = 30
+    downtime_ms: float = 300.0
+    chunk_pages: int = 8192
+    hinting: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_gbit <= 0:
+            raise ValueError("bandwidth must be positive")
+        if self.max_rounds < 1 or self.chunk_pages < 1:
+            raise ValueError("max_rounds and chunk_pages must be >= 1")
+
+    def seconds_for(self, pages: int) -> float:
+        """Link time to move ``pages`` pages."""
+        return pages * PAGE_SIZE * 8 / (self.bandwidth_gbit * 1e9)
+
+
+@dataclass
+class RoundReport:
+    """One pre-copy round (or the final stop-and-copy)."""
+
+    index: int
+    to_send: int
+    sent: int
+    skipped: int
+    duration_s: float
+    hinted: bool
+    stayed_free: int = 0
+    stayed_free_skipped: int = 0
+
+
+@dataclass
+class MigrationResult:
+    """The figures of one migration; ``as_dict`` is the JSON shape other tools read."""
+
+    pages_total: int
+    pages_sent: int = 0
+    pages_skipped: int = 0
+    rounds: int = 0
+    lost_pages: int = 0
+    verified: bool = False
+    allocated_pages: int = 0
+    time_s: float = 0.0
+    downtime_ms: float = 0.0
+    converged: bool = False
+    guest_failure: str | None = None
+    round_reports: list[RoundReport] = field(default_factory=list)
+
+    @property
+    def skip_efficiency(self) -> float | None:
+        """Pages skipped / pages that were free when their round began and stayed free."""
+        elig = sum(r.stayed_free for r in self.round_reports)
+        return None if elig == 0 else sum(r.stayed_free_skipped for r in self.round_reports) / elig
+
+    def as_dict(self) -> dict:
+        """JSON-ready figures."""
+        d = {k: v for k, v in asdict(self).items() if k != "round_reports"}
+        eff = self.skip_efficiency
+        d["skip_efficiency"] = None if eff is None else round(eff, 4)
+        d["time_s"] = round(self.time_s, 4)
+        d["downtime_ms"] = round(self.downtime_ms, 3)
+        d["per_round"] = [
+            {"sent": r.sent, "skipped": r.skipped, "to_send": r.to_send, "duration_s": round(r.duration_s, 4)}
+            for r in self.round_reports
+        ]
+        return d
+
+
+class HintControl:
+    """What the engine needs from the hinting side (a :class:`HostSession`, or nothing)."""
+
+    async def start_round(self) -> int | None:  # pragma: no cover - interface
+        return None
+
+    async def stop_round(self) -> None:  # pragma: no cover - interface
+        return None
+
+
+@dataclass
+class MigrationEngine:
+    """Migrate one guest whose page state the host tracks in ``state``.
+
+    ``read_source(idx)`` returns the source content of pages ``idx`` (versions in simulation);
+    ``free_mask()`` is the guest's current free-page mask (for the oracle and skip efficiency);
+    ``pause_guest`` stops its vCPUs; ``before_chunk`` lets an asynchronous write-protect backend
+    collect written pages before each part of a round is sent; ``session`` drives hinting.
+    """
+
+    cfg: MigrationConfig
+    state: HostPageState
+    read_source: Callable[[np.ndarray], np.ndarray]
+    free_mask: Callable[[], np.ndarray]
+    pause_guest: Callable[[], Awaitable[None]]
+    session: object | None = None
+    before_chunk: Callable[[], Awaitable[None]] | None = None
+
+    def __post_init__(self) -> None:
+        n = self.state.page_count
+        self.dest = np.zeros(n, dtype=self.read_source(np.zeros(1, dtype=np.int64)).dtype)
+        self.result = MigrationResult(pages_total=n)
+
+    async def _hint_start(self) -> bool:
+        s = self.session
+        if not self.cfg.hinting or s is None or s.failure:
+            return False
+        try:
+            await s.start_round()
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            s.failure = s.failure or f"connection lost: {e}"
+            return False
+
+    async def _hint_stop(self) -> None:
+        s = self.session
+        if s is None or s.failure:
+            return
+        try:
+            await s.stop_round()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            s.failure = s.failure or f"connection lost: {e}"
+
+    async def _send_round(self, index: int, hinted: bool, *, live: bool) -> RoundReport:
+        st = self.state
+        cfg = self.cfg
+        n = st.page_count
+        to_send = st.dirty
+        t0 = trio.current_time()
+        free_start = self.free_mask().copy() if live else None
+        skipped_mask = np.zeros(n, dtype=bool) if live else None
+        sent = skipped = 0
+        for a in range(0, n, cfg.chunk_pages):
+            b = min(n, a + cfg.chunk_pages)
+            if self.before_chunk is not None and live:
+                await self.before_chunk()
+            want = to_send[a:b]
+            skip = want & st.skip[a:b]
+            go = np.flatnonzero(want & ~st.skip[a:b]) + a
+            nskip = int(np.count_nonzero(skip))
+            if nskip and skipped_mask is not None:
+                skipped_mask[a:b] |= skip
+            if len(go):
+                self.dest[go] = self.read_source(go)
+                sent += len(go)
+                await trio.sleep(cfg.seconds_for(len(go)))
+            else:
+                await trio.lowlevel.checkpoint()
+            skipped += nskip
+        rep = RoundReport(index, int(np.count_nonzero(to_send)), sent, skipped, trio.current_time() - t0, hinted)
+        if live:
+            stayed = free_start & self.free_mask() & ~st.written & to_send
+            rep.stayed_free = int(np.count_nonzero(stayed))
+            rep.stayed_free_skipped = int(np.count_nonzero(stayed & skipped_mask))
+        return rep
+
+    async def run(self) -> MigrationResult:
+        """Migrate until converged (or the round limit), stop-and-copy, verify."""
+        st = self.state
+        cfg = self.cfg
+        res = self.result
+        t_start = trio.current_time()
+        st.begin_first_round()
+        for r in range(cfg.max_rounds):
+            if r:
+                st.begin_round()
+            hinted = await self._hint_start()
+            rep = await self._send_round(r, hinted, live=True)
+            if hinted:
+                await self._hint_stop()
+            res.round_reports.append(rep)
+            remaining = int(np.count_nonzero(st.written & ~st.skip))
+            if cfg.seconds_for(remaining) * 1e3 <= cfg.downtime_ms:
+                res.converged = True
+                break
+        await self.pause_guest()
+        t_pause = trio.current_time()
+        st.begin_round()
+        final = await self._send_round(len(res.round_reports), False, live=False)
+        res.round_reports.append(final)
+        res.downtime_ms = (trio.current_time() - t_pause) * 1e3
+        res.time_s = trio.current_time() - t_start
+        res.rounds = len(res.round_reports)
+        res.pages_sent = sum(r.sent for r in res.round_reports)
+        res.pages_skipped = sum(r.skipped for r in res.round_reports)
+        if self.session is not None:
+            res.guest_failure = getattr(self.session, "failure", None)
+        self.verify()
+        return res
+
+    def verify(self) -> int:
+        """The oracle: count allocated pages whose destination content differs from the source."""
+        allocated = np.flatnonzero(~self.free_mask())
+        src = self.read_source(allocated)
+        lost = int(np.count_nonzero(self.dest[allocated] != src))
+        self.result.allocated_pages = len(allocated)
+        self.result.lost_pages = lost
+        self.result.verified = lost == 0
+        return lost

@@ -1,0 +1,163 @@
+"""Host side of one guest connection: handshake, hint consumption, round control.
+
+The session owns the :class:`HostConnection` state machine and the guest's
+:class:`HostPageState`. Its ``serve`` task reads frames, applies hints under the active command
+id to the skip bitmap, acks every hint frame (stale ones too: credits), and records round ends.
+Anything the guest gets wrong ends in a protocol error sent to the guest, a clean close, and
+``self.failure`` set: never an exception escaping into the host's other guests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from hintpipe.host.pagestate import HostPageState
+from hintpipe.protocol import (
+    Bye,
+    ErrorCode,
+    Error,
+    Fault,
+    Hello,
+    HostConnection,
+    Hints,
+    ProtocolError,
+    RoundEnd,
+    StaleHints,
+)
+from hintpipe.protocol.messages import CMD_ID_BASE
+
+
+class GuestGone(Exception):
+    """The guest closed the connection or broke the protocol; ``str()`` says which."""
+
+
+@dataclass
+class SessionStats:
+    """Per-connection counters."""
+
+    frames: int = 0
+    hint_frames: int = 0
+    stale_frames: int = 0
+    stale_ranges: int = 0
+    acks_sent: int = 0
+    round_ends: int = 0
+
+
+class HostSession:
+    """Serve one guest over ``endpoint`` (``send_frame``, ``receive``, ``aclose``)."""
+
+    def __init__(self, endpoint, *, max_ranges: int = 4096, window: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.conn = HostConnection()
+        self.max_ranges = max_ranges
+        self.window = window
+        self.state: HostPageState | None = None
+        self.hello: Hello | None = None
+        self.stats = SessionStats()
+        self.failure: str | None = None
+        self.closed = trio.Event()
+        self._round_end = trio.Event()
+        self._next_id = CMD_ID_BASE
+        self._send_lock = trio.Lock()
+        self.fault_handler = None  # async callable(Fault) for guests whose faults cross the link
+
+    async def _send(self, frame: bytes) -> None:
+        async with self._send_lock:
+            await self.endpoint.send_frame(frame)
+
+    async def handshake(self, make_state=None) -> Hello:
+        """Wait for the guest's ``Hello``, create its page state, answer ``Welcome``."""
+        while True:
+            ev = await self._next_event()
+            if isinstance(ev, Hello):
+                break
+        self.hello = ev
+        self.state = make_state(ev) if make_state else HostPageState(ev.page_count)
+        await self._send(self.conn.welcome(max_ranges=self.max_ranges, window=self.window))
+        return ev
+
+    async def _next_event(self):
+        while True:
+            ev = self.conn.next_event()
+            if ev is not None:
+                return ev
+            data = await self.endpoint.receive()
+            if not data:
+                raise GuestGone("guest closed the connection")
+            self.conn.receive_data(data)
+
+    async def serve(self) -> None:
+        """Consume the guest's frames until it leaves or errs; never raises for guest faults."""
+        try:
+            while True:
+                ev = await self._next_event()
+                self.stats.frames += 1
+                await self._handle(ev)
+        except ProtocolError as e:
+            self.failure = f"protocol error from guest: {e}"
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                try:
+                    await self._send(self.conn.error(e.code, e.message))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        except GuestGone as e:
+            self.failure = self.failure or str(e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.failure = self.failure or f"connection lost: {e}"
+        finally:
+            self.closed.set()
+            self._round_end.set()
+
+    async def _handle(self, ev) -> None:
+        if isinstance(ev, Hints):
+            self.stats.hint_frames += 1
+            self.state.apply_hints(ev.ranges)
+            await self._ack()
+        elif isinstance(ev, StaleHints):
+            self.stats.stale_frames += 1
+            self.stats.stale_ranges += ev.n_ranges
+            await self._ack()
+        elif isinstance(ev, RoundEnd):
+            self.stats.round_ends += 1
+            self._round_end.set()
+        elif isinstance(ev, Fault):
+            if self.fault_handler is None:
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "Fault on a connection whose faults are handled locally")
+            await self.fault_handler(ev)
+        elif isinstance(ev, Bye):
+            raise GuestGone(f"guest said goodbye: {ev.reason}")
+        elif isinstance(ev, Error):
+            raise GuestGone(f"guest reported error {ev.code}: {ev.message}")
+
+    async def _ack(self) -> None:
+        await self._send(self.conn.ack(1))
+        self.stats.acks_sent += 1
+
+    async def start_round(self) -> int:
+        """Publish a new command id (never reused) and return it."""
+        cmd_id = self._next_id
+        self._next_id += 1
+        self._round_end = trio.Event()
+        await self._send(self.conn.start_round(cmd_id))
+        return cmd_id
+
+    async def stop_round(self, *, wait_s: float = 0.5) -> bool:
+        """Stop hinting now (later hints are stale); wait briefly for ``RoundEnd``."""
+        if self.conn.current_cmd_id is None:
+            return True  # the guest already ended its walk
+        await self._send(self.conn.stop_round())
+        with trio.move_on_after(wait_s):
+            await self._round_end.wait()
+            return True
+        return False
+
+    async def finish(self, ok: bool, summary: dict) -> None:
+        """Tell the guest the migration is over (best effort: it may be gone)."""
+        try:
+            with trio.move_on_after(1):
+                await self._send(self.conn.done(ok, summary))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

@@ -1,0 +1,202 @@
+"""One simulated VM migrated with free page hinting, in one process: what ``hintpipe demo`` runs.
+
+Wires the parts together: a guest (buddy allocator, memory, workload, walker, producer), an
+in-process virtqueue link, and a host (session, page state, simulated write-protect, migration
+engine). Time is trio's ``MockClock`` with autojump, so link time, workload rates and round timing
+are virtual while every computation really runs. The same configuration is migrated twice, with
+and without hinting, to give the baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import trio
+import trio.testing
+
+from hintpipe.channel.inproc import inproc_pair
+from hintpipe.guest.buddy import BuddyAllocator
+from hintpipe.guest.memory import GuestMemory, NoTracking
+from hintpipe.guest.producer import Producer
+from hintpipe.guest.walker import FreeListWalker
+from hintpipe.guest.workload import Workload, WorkloadConfig
+from hintpipe.guest.zonelock import ZoneLock
+from hintpipe.host.migration import MigrationConfig, MigrationEngine, MigrationResult
+from hintpipe.host.pagestate import HostPageState
+from hintpipe.host.session import HostSession
+from hintpipe.host.writeprotect import SimWriteProtect
+
+RACE_MODES = ("detect", "isolate")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything one simulated migration depends on."""
+
+    pages: int = 1 << 20
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+    batch: int = 32
+    min_order: int = 9
+    race_mode: str = "detect"
+    time_budget_us: float = 200.0
+    queue_size: int = 256
+    event_idx: bool = True
+    max_ranges: int = 4096
+    wp: str = "sim"  # "sim" or "off" (no write tracking: a broken setup for the oracle test)
+    invalidate: bool = True  # write-protect invalidation of skips (off only to prove the oracle)
+    charge_holds: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pages < 1:
+            raise ValueError("pages must be >= 1")
+        if self.race_mode not in RACE_MODES:
+            raise ValueError(f"race mode must be one of {RACE_MODES}, got {self.race_mode!r}")
+        if not 0 <= self.min_order <= 10:
+            raise ValueError("min_order must be in 0..10")
+        if not 1 <= self.batch <= self.max_ranges:
+            raise ValueError(f"batch must be in 1..{self.max_ranges}")
+        if self.queue_size < 1 or self.queue_size & (self.queue_size - 1):
+            raise ValueError("queue size must be a power of two")
+        if self.wp not in ("sim", "off"):
+            raise ValueError("wp must be 'sim' or 'off' in the in-process simulation")
+
+
+@dataclass
+class SimRun:
+    """Everything a finished simulated migration leaves behind (tests look inside)."""
+
+    result: MigrationResult
+    state: HostPageState
+    alloc: BuddyAllocator
+    memory: GuestMemory
+    zone: ZoneLock
+    workload: Workload
+    producer: Producer | None
+    session: HostSession | None
+    walker: FreeListWalker | None
+    wall_s: float
+    kicks: dict
+
+
+async def migrate_guest(cfg: SimConfig, *, hinting: bool = True) -> SimRun:
+    """Boot a guest, migrate it (hinting on or off) and verify; runs under any trio clock."""
+    t_wall = time.perf_counter()
+    n = cfg.pages
+    alloc = BuddyAllocator(n)
+    memory = GuestMemory(n)
+    zone = ZoneLock(charge_holds=cfg.charge_holds)
+    workload = Workload(cfg.workload, alloc, memory, zone)
+    await workload.boot()
+    state = HostPageState(n, invalidate=cfg.invalidate)
+    memory.tracker = SimWriteProtect(state) if cfg.wp == "sim" else NoTracking()
+    mig_cfg = replace(cfg.migration, hinting=hinting)
+    producer = session = walker = None
+    guest_end, host_end = inproc_pair(cfg.queue_size, event_idx=cfg.event_idx)
+    if hinting:
+        walker = FreeListWalker(
+            alloc,
+            min_order=cfg.min_order,
+            batch=cfg.batch,
+            time_budget_us=cfg.time_budget_us,
+            isolate=cfg.race_mode == "isolate",
+        )
+        producer = Producer(guest_end, walker, zone, n, window=cfg.queue_size, name="sim-guest")
+        session = HostSession(host_end, max_ranges=cfg.max_ranges)
+
+    def make_state(hello):
+        if hello.page_count != n:
+            raise ValueError("guest geometry changed")
+        return state
+
+    engine = MigrationEngine(
+        mig_cfg,
+        state,
+        read_source=lambda idx: memory.versions[idx],
+        free_mask=lambda: alloc.free_mask,
+        pause_guest=workload.gate.pause,
+        session=session,
+    )
+    async with trio.open_nursery() as nursery:
+        if hinting:
+            nursery.start_soon(producer.run)
+            await session.handshake(make_state)
+            nursery.start_soon(session.serve)
+        nursery.start_soon(workload.run)
+        result = await engine.run()
+        if session is not None:
+            await session.finish(result.verified, {"lost_pages": result.lost_pages})
+            with trio.move_on_after(1):
+                while producer.result is None and session.failure is None:
+                    await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    kicks = {}
+    if hinting:
+        g, h = guest_end.tx_stats, host_end.tx_stats
+        kicks = {
+            "kicks": g.kicks,
+            "kicks_suppressed": g.kicks_suppressed,
+            "interrupts": g.interrupts,
+            "interrupts_suppressed": g.interrupts_suppressed,
+            "host_to_guest_kicks": h.kicks,
+            "host_to_guest_kicks_suppressed": h.kicks_suppressed,
+        }
+    return SimRun(result, state, alloc, memory, zone, workload, producer, session, walker,
+                  time.perf_counter() - t_wall, kicks)
+
+
+def report(cfg: SimConfig, run: SimRun, baseline: SimRun | None) -> dict:
+    """The JSON object of ``hintpipe demo --json`` (keys documented in the README)."""
+    mig = run.result.as_dict()
+    mig["pages_sent_baseline"] = baseline.result.pages_sent if baseline else None
+    mig["time_s_baseline"] = round(baseline.result.time_s, 4) if baseline else None
+    mig["lost_pages_baseline"] = baseline.result.lost_pages if baseline else None
+    if baseline and baseline.result.pages_sent:
+        mig["pages_saved_pct"] = round(100 * (1 - run.result.pages_sent / baseline.result.pages_sent), 2)
+    st = run.state
+    lock = run.zone.summary()
+    ws = run.workload.stats
+    return {
+        "config": {
+            "pages": cfg.pages,
+            "gib": round(cfg.pages * 4096 / 2**30, 3),
+            "workload": cfg.workload.kind,
+            "batch": cfg.batch,
+            "min_order": cfg.min_order,
+            "race_mode": cfg.race_mode,
+            "bandwidth_gbit": cfg.migration.bandwidth_gbit,
+            "queue_size": cfg.queue_size,
+            "event_idx": cfg.event_idx,
+            "wp": cfg.wp,
+            "seed": cfg.workload.seed,
+        },
+        "migration": mig,
+        "hints": {
+            "messages": st.hints.batches,
+            "ranges": st.hints.ranges,
+            "pages": st.hints.pages,
+            "pages_marked": st.hints.pages_marked,
+            "pages_refused_written": st.hints.pages_refused_written,
+            "stale_messages": run.session.stats.stale_frames if run.session else 0,
+            "stale_ranges": run.session.stats.stale_ranges if run.session else 0,
+        },
+        "faults": st.faults,
+        "wp": {"backend": cfg.wp, "faults": st.faults},
+        "lock": {"max_hold_us": lock["max_hold_us"], "max_alloc_wait_us": lock["max_alloc_wait_us"], **lock},
+        "notifications": run.kicks,
+        "workload": asdict(ws),
+        "wall_s": round(run.wall_s + (baseline.wall_s if baseline else 0.0), 3),
+    }
+
+
+def run_sim(cfg: SimConfig, *, baseline: bool = True) -> dict:
+    """Run the hinted migration and (optionally) its baseline under a virtual clock; return JSON."""
+
+    async def main():
+        run = await migrate_guest(cfg, hinting=True)
+        base = await migrate_guest(cfg, hinting=False) if baseline else None
+        return run, base
+
+    run, base = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return report(cfg, run, base)
