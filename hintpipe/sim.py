@@ -18,7 +18,7 @@ import trio.testing
 from hintpipe.channel.inproc import inproc_pair
 from hintpipe.guest.buddy import BuddyAllocator
 from hintpipe.guest.memory import GuestMemory, NoTracking
-from hintpipe.guest.producer import Producer
+from hintpipe.guest.producer import MigrationFailed, Producer
 from hintpipe.guest.walker import FreeListWalker
 from hintpipe.guest.workload import Workload, WorkloadConfig
 from hintpipe.guest.zonelock import ZoneLock
@@ -118,9 +118,18 @@ async def migrate_guest(cfg: SimConfig, *, hinting: bool = True) -> SimRun:
         pause_guest=workload.gate.pause,
         session=session,
     )
+    guest_outcome: list[str] = []
+
+    async def run_producer():
+        try:
+            await producer.run()
+            guest_outcome.append("ok")
+        except MigrationFailed as e:  # the guest learns the verdict; the host's report has it too
+            guest_outcome.append(str(e))
+
     async with trio.open_nursery() as nursery:
         if hinting:
-            nursery.start_soon(producer.run)
+            nursery.start_soon(run_producer)
             await session.handshake(make_state)
             nursery.start_soon(session.serve)
         nursery.start_soon(workload.run)
@@ -128,7 +137,7 @@ async def migrate_guest(cfg: SimConfig, *, hinting: bool = True) -> SimRun:
         if session is not None:
             await session.finish(result.verified, {"lost_pages": result.lost_pages})
             with trio.move_on_after(1):
-                while producer.result is None and session.failure is None:
+                while not guest_outcome and session.failure is None:
                     await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     kicks = {}

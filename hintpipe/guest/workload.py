@@ -19,7 +19,8 @@ from hintpipe.guest.buddy import MAX_ORDER, BuddyAllocator, MigrateType
 from hintpipe.guest.memory import GuestMemory, block_pages
 from hintpipe.guest.zonelock import ZoneLock
 
-DEFAULT_ORDER_MIX = ((0, 0.55), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.05), (9, 0.1))
+# mostly small allocations, a few huge-page sized ones: about 8 pages written per allocation
+DEFAULT_ORDER_MIX = ((0, 0.6), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.09), (9, 0.01))
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class WorkloadConfig:
     kind: str = "churn"
     static_fraction: float = 0.30
     churn_fraction: float = 0.20
-    ops_per_s: float = 40_000.0
-    write_pages_per_s: float = 60_000.0
+    ops_per_s: float = 10_000.0
+    write_pages_per_s: float = 40_000.0
     order_mix: tuple[tuple[int, float], ...] = DEFAULT_ORDER_MIX
     unmovable_fraction: float = 0.2
     tick_s: float = 0.002
@@ -153,17 +154,18 @@ class Workload:
     async def _churn(self, nops: int) -> None:
         rng = self.rng
         target = self.cfg.churn_fraction * self.alloc.page_count
-        orders = rng.choice(self._orders, size=nops, p=self._order_p)
-        coins = rng.random(nops)
-        mts = np.where(rng.random(nops) < self.cfg.unmovable_fraction, MigrateType.UNMOVABLE, MigrateType.MOVABLE)
+        orders = rng.choice(self._orders, size=nops, p=self._order_p).tolist()
+        coins = rng.random(nops).tolist()
+        unmovable = (rng.random(nops) < self.cfg.unmovable_fraction).tolist()
         new_pfns: list[int] = []
         new_orders: list[int] = []
         async with self.zone.allocator():
             for i in range(nops):
                 # steer around the target: allocate more often below it, free more often above
-                p_alloc = 0.5 + 0.4 * float(np.clip((target - self._churn_pages) / max(target, 1), -1, 1))
+                p_alloc = 0.5 + 0.4 * min(1.0, max(-1.0, (target - self._churn_pages) / max(target, 1)))
                 if coins[i] < p_alloc or not self._blocks:
-                    order, mt = int(orders[i]), MigrateType(int(mts[i]))
+                    order = orders[i]
+                    mt = MigrateType.UNMOVABLE if unmovable[i] else MigrateType.MOVABLE
                     pfn = self.alloc.alloc(order, mt)
                     if pfn is None:
                         self.stats.alloc_failures += 1

@@ -29,14 +29,20 @@ class MigrationConfig:
     bandwidth_gbit: float = 10.0
     max_rounds: int = 30
     downtime_ms: float = 300.0
-    chunk_pages: int = 8192
+    chunk_pages: int = 0  # 0: about 1/1024 of the guest, between 256 and 65536 pages
     hinting: bool = True
 
     def __post_init__(self) -> None:
         if self.bandwidth_gbit <= 0:
             raise ValueError("bandwidth must be positive")
-        if self.max_rounds < 1 or self.chunk_pages < 1:
-            raise ValueError("max_rounds and chunk_pages must be >= 1")
+        if self.max_rounds < 1 or self.chunk_pages < 0:
+            raise ValueError("max_rounds must be >= 1 and chunk_pages >= 0")
+
+    def chunk_for(self, pages: int) -> int:
+        """Pages sent per link step: small enough that hints arriving mid-round still help."""
+        if self.chunk_pages:
+            return self.chunk_pages
+        return min(65536, max(256, pages >> 10))
 
     def seconds_for(self, pages: int) -> float:
         """Link time to move ``pages`` pages."""
@@ -156,8 +162,9 @@ class MigrationEngine:
         free_start = self.free_mask().copy() if live else None
         skipped_mask = np.zeros(n, dtype=bool) if live else None
         sent = skipped = 0
-        for a in range(0, n, cfg.chunk_pages):
-            b = min(n, a + cfg.chunk_pages)
+        chunk = cfg.chunk_for(n)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
             if self.before_chunk is not None and live:
                 await self.before_chunk()
             want = to_send[a:b]

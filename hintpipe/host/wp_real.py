@@ -1,0 +1,378 @@
+"""Real write-protect trackers over userfaultfd, for guest RAM in another process.
+
+Three trackers share one shape (``protect_all()`` / ``close()`` / counters):
+
+* :class:`UffdSyncTracker`: every first write to a protected page becomes a
+  fault message; a dedicated OS thread reads it, calls ``on_fault(pfns)``
+  *before* lifting the protection (so the write that follows is covered by the
+  dirty mark) and then clears WP, which wakes the writer.
+* :class:`UffdAsyncTracker`: UFFD_FEATURE_WP_ASYNC, the kernel resolves faults
+  itself; ``written_since_last()`` asks PAGEMAP_SCAN which pages were written
+  and re-protects them in the same call.
+* :class:`DisabledTracker`: sees nothing (the control case for oracle tests).
+
+Who does what: the *guest* process creates the memfd and the uffd (the uffd is
+tied to the creator's mm), does the UFFDIO_API handshake and UFFDIO_REGISTER
+on its own mapping, and sends both fds plus its mapping address and pid to the
+host with :func:`send_fds`.  The host builds a tracker from those.  The host
+keeps its uffd copy open: closing the last reference to a uffd unregisters
+the range.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import threading
+from typing import Callable, TypeVar
+
+import numpy as np
+
+from .pagemap import PagemapScanner, ranges_to_pfns
+from .uffd import (
+    PAGE_SIZE, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE, UFFD_PAGEFAULT_FLAG_WP, UFFDIO_WRITEPROTECT,
+    UFFDIO_WRITEPROTECT_MODE_WP, UffdioWriteprotect, ioctl, parse_messages, writeprotect_fd,
+)
+
+__all__ = ["UffdSyncTracker", "UffdAsyncTracker", "DisabledTracker", "send_fds", "recv_fds",
+           "merge_runs"]
+
+T = TypeVar("T")
+_READ_BATCH = 256  # messages per read(2): 8 KiB
+_SMALL_BATCH = 16  # up to this many messages: plain-Python decode and per-page release
+_PAGE_SHIFT = 12
+_FLAGS_ADDR = struct.Struct("<QQ")  # uffd_msg.arg.pagefault.{flags, address} at offset 8
+
+
+def send_fds(sock: socket.socket, fds: list[int], payload: bytes = b"\0") -> None:
+    """Send ``fds`` with SCM_RIGHTS along with a small non-empty ``payload``."""
+    if not payload:
+        raise ValueError("payload must be non-empty (SCM_RIGHTS rides on data)")
+    socket.send_fds(sock, [payload], fds)
+
+
+def recv_fds(sock: socket.socket, maxfds: int = 4, bufsize: int = 4096) -> tuple[bytes, list[int]]:
+    """Receive (payload, fds) sent by :func:`send_fds`.  Raises EOFError on a closed peer."""
+    data, fds, flags, _ = socket.recv_fds(sock, bufsize, maxfds)
+    if not data and not fds:
+        raise EOFError("peer closed the socket before sending fds")
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EMSGSIZE, "SCM_RIGHTS control data truncated (too many fds)")
+    return data, fds
+
+
+def merge_runs(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique pfns -> (starts, counts) of maximal contiguous runs."""
+    pfns = np.unique(np.asarray(pfns, dtype=np.int64))
+    if not len(pfns):
+        return pfns, pfns
+    brk = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts = pfns[np.concatenate(([0], brk))]
+    ends = pfns[np.concatenate((brk - 1, [len(pfns) - 1]))]
+    return starts, ends - starts + 1
+
+
+class _RangeTracker:
+    """Shared bookkeeping: the guest mapping [ram_addr, ram_addr + page_count pages)."""
+
+    def __init__(self, ram_addr: int, page_count: int, uffd_fd: int):
+        if ram_addr % PAGE_SIZE or page_count <= 0:
+            raise ValueError("ram_addr must be page aligned and page_count positive")
+        self.ram_addr = ram_addr
+        self.page_count = page_count
+        self.uffd_fd = uffd_fd
+        self.faults = 0         # sync: fault messages handled; async: written pages found
+        self.protect_calls = 0  # kernel calls that (re-)armed write protection
+
+    def protect_all(self) -> None:
+        """Write-protect the whole guest RAM range (start of a round)."""
+        writeprotect_fd(self.uffd_fd, self.ram_addr, self.page_count * PAGE_SIZE,
+                        UFFDIO_WRITEPROTECT_MODE_WP)
+        self.protect_calls += 1
+
+    def unprotect_all(self) -> None:
+        """Lift write protection everywhere and wake any blocked writer."""
+        writeprotect_fd(self.uffd_fd, self.ram_addr, self.page_count * PAGE_SIZE, 0)
+
+    def stats(self) -> dict:
+        """Counters for the JSON report."""
+        return {"faults": self.faults, "protect_calls": self.protect_calls}
+
+
+class UffdSyncTracker(_RangeTracker):
+    """Synchronous WP: fault messages handled by a dedicated OS thread.
+
+    ``on_fault(pfns)`` receives an int64 array of guest pfns (one read(2) batch;
+    may contain duplicates if several threads hit one page).  It runs in the
+    handler thread: it must be thread-safe and quick, and must never wait on
+    anything that could be waiting on a guest writer.
+
+    Round boundaries: the handler marks (``on_fault``) and then lifts WP; both
+    happen under ``round_lock``.  The engine must start a round with
+    :meth:`new_round`, which takes the dirty snapshot and re-protects under the
+    same lock.  Otherwise a fault marked in round N but released after the
+    round N+1 protect_all leaves its page unprotected in round N+1 while the
+    write is still pending, and a round N+1 copy taken before the write lands
+    would lose it.
+
+    Why a thread and not a trio task: the faulting writer is a thread blocked
+    *in the kernel* until we clear WP.  If the handler ran on the host's trio
+    loop, anything that blocks that loop (a synchronous call, a full channel,
+    an await on the guest, which is itself stuck on the fault) would stall the
+    handler, and the guest would never wake: a deadlock.  The handler thread
+    only touches the uffd and the callback, and it releases the GIL while it
+    sleeps in poll(2) and in each ioctl, so it makes progress whatever the
+    event loop is doing.  Writers in the *same* process must not hold the GIL
+    while they fault (numpy copies and ctypes.memmove release it; pure-Python
+    stores into a memoryview do not).
+    """
+
+    def __init__(self, ram_addr: int, page_count: int, uffd_fd: int,
+                 on_fault: Callable[[np.ndarray], None], *, start: bool = True):
+        super().__init__(ram_addr, page_count, uffd_fd)
+        self.on_fault = on_fault
+        self.unprotect_calls = 0
+        self.foreign_faults = 0   # faults outside [ram_addr, end): released, not reported
+        self.error: BaseException | None = None           # handler-side OS error (thread stops)
+        self.callback_error: BaseException | None = None  # first exception from on_fault
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.round_lock = threading.RLock()  # mark+release vs snapshot+protect_all
+        self._wp_arg = UffdioWriteprotect()  # reused by the handler thread only
+        self._thread = threading.Thread(target=self._run, name="uffd-wp-handler", daemon=True)
+        self._closed = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the handler thread (done by the constructor unless start=False)."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.uffd_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._wake_r in events:
+                return
+            if events.get(self.uffd_fd, 0) & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                self.error = OSError(errno.EBADF, "userfaultfd closed under the handler")
+                return
+            try:
+                data = os.read(self.uffd_fd, UFFD_MSG_SIZE * _READ_BATCH)
+            except BlockingIOError:
+                continue  # another reader took it, or a spurious wakeup
+            except OSError as e:
+                self.error = e
+                return
+            # Small batches (the common case: each blocked writer sends one
+            # message) are decoded in plain Python: numpy's per-call overhead
+            # would dominate the ~20 us a fault costs otherwise.
+            if len(data) <= UFFD_MSG_SIZE * _SMALL_BATCH:
+                pfns, foreign = self._decode_small(data)
+            else:
+                pfns, foreign = self._decode_numpy(data)
+            with self.round_lock:
+                try:
+                    if pfns:
+                        self.on_fault(np.array(pfns, dtype=np.int64))
+                except BaseException as e:  # keep serving: a stuck writer is worse
+                    if self.callback_error is None:
+                        self.callback_error = e
+                finally:
+                    # Mark first (above), then unprotect: the write that proceeds
+                    # is already covered by the mark.  Clearing WP wakes the writer.
+                    self.faults += len(pfns)
+                    self.foreign_faults += len(foreign)
+                    try:
+                        self._release(pfns, foreign)
+                    except OSError as e:  # mm gone (guest exited) or fd closed
+                        self.error = e
+                        return
+
+    def protect_all(self) -> None:
+        """Write-protect all guest RAM (under ``round_lock``; prefer :meth:`new_round`)."""
+        with self.round_lock:
+            super().protect_all()
+
+    def new_round(self, snapshot: Callable[[], T] | None = None) -> T | None:
+        """Start a round atomically with respect to fault handling.
+
+        Under ``round_lock``: call ``snapshot()`` (take and clear the dirty set
+        that ``on_fault`` fills), then write-protect everything.  Returns what
+        ``snapshot`` returned.  Then copy the snapshot's pages: a write that
+        lands after this call faults again and is marked for the next round.
+        Blocks the caller for at most one handler batch (microseconds).
+        """
+        with self.round_lock:
+            result = snapshot() if snapshot is not None else None
+            super().protect_all()
+            return result
+
+    def _decode_small(self, data: bytes) -> tuple[list[int], list[int]]:
+        lo, hi = self.ram_addr, self.ram_addr + self.page_count * PAGE_SIZE
+        pfns: list[int] = []
+        foreign: list[int] = []
+        for off in range(0, len(data) - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
+            flags, addr = _FLAGS_ADDR.unpack_from(data, off + 8)
+            if data[off] != UFFD_EVENT_PAGEFAULT or not flags & UFFD_PAGEFAULT_FLAG_WP:
+                continue
+            if lo <= addr < hi:
+                pfns.append((addr - lo) >> _PAGE_SHIFT)
+            else:
+                foreign.append(addr & ~(PAGE_SIZE - 1))
+        return pfns, foreign
+
+    def _decode_numpy(self, data: bytes) -> tuple[list[int], list[int]]:
+        lo, hi = self.ram_addr, self.ram_addr + self.page_count * PAGE_SIZE
+        msgs = parse_messages(data)
+        wp = msgs[(msgs["event"] == UFFD_EVENT_PAGEFAULT)
+                  & (msgs["flags"] & UFFD_PAGEFAULT_FLAG_WP != 0)]
+        addr = wp["address"].astype(np.int64)
+        inside = (addr >= lo) & (addr < hi)
+        return (((addr[inside] - lo) >> _PAGE_SHIFT).tolist(),
+                (addr[~inside] & ~np.int64(PAGE_SIZE - 1)).tolist())
+
+    def _release(self, pfns: list[int], foreign: list[int]) -> None:
+        """Clear WP (and wake) page by page; contiguous runs share one ioctl."""
+        if len(pfns) > _SMALL_BATCH:
+            starts, counts = merge_runs(np.array(pfns, dtype=np.int64))
+            runs = zip(starts.tolist(), counts.tolist())
+        else:
+            runs = ((p, 1) for p in sorted(set(pfns)))
+        arg = self._wp_arg
+        for s, c in runs:
+            arg.range.start, arg.range.len = self.ram_addr + s * PAGE_SIZE, c * PAGE_SIZE
+            self._clear_wp(arg)
+        for a in sorted(set(foreign)):
+            arg.range.start, arg.range.len = a, PAGE_SIZE
+            self._clear_wp(arg)
+
+    def _clear_wp(self, arg: UffdioWriteprotect) -> None:
+        arg.mode = 0
+        while True:
+            try:
+                ioctl(self.uffd_fd, UFFDIO_WRITEPROTECT, arg)
+                break
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+        self.unprotect_calls += 1
+
+    def close(self, *, unprotect: bool = True) -> None:
+        """Stop the handler thread; by default lift all protection first so no writer stays blocked.
+
+        Re-raises an exception the ``on_fault`` callback raised, if any.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if unprotect:
+            try:
+                self.unprotect_all()
+            except OSError:
+                pass  # the guest's mm may be gone already
+        if self._thread.is_alive():
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self.callback_error is not None:
+            raise self.callback_error
+
+    def stats(self) -> dict:
+        """Counters for the JSON report."""
+        return {**super().stats(), "unprotect_calls": self.unprotect_calls,
+                "foreign_faults": self.foreign_faults}
+
+    def __enter__(self) -> "UffdSyncTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class UffdAsyncTracker(_RangeTracker):
+    """Asynchronous WP (WP_ASYNC): no messages; PAGEMAP_SCAN finds written pages.
+
+    The uffd must have had its UFFDIO_API handshake with UFFD_FEATURE_WP_ASYNC
+    and the range registered in MODE_WP by the guest ``pid``.  The scanner
+    opens ``/proc/pid/pagemap`` (needs ptrace-read permission on the guest).
+    """
+
+    def __init__(self, ram_addr: int, page_count: int, uffd_fd: int, pid: int):
+        super().__init__(ram_addr, page_count, uffd_fd)
+        self.pid = pid
+        self.scans = 0
+        self._scanner = PagemapScanner(pid)
+
+    def arm(self) -> None:
+        """The arming pass: one WP_MATCHING scan, whose 'everything written' answer is dropped."""
+        self._scanner.written_ranges(self.ram_addr, self.page_count)
+        self.protect_calls += 1
+
+    def protect_all(self) -> None:
+        """Protect everything now (UFFDIO_WRITEPROTECT over the range; forgets pending writes)."""
+        super().protect_all()
+
+    def written_ranges_since_last(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start_pfn, npages) runs written since the previous call (or arm), re-protected atomically."""
+        starts, counts = self._scanner.written_ranges(self.ram_addr, self.page_count)
+        self.scans += 1
+        self.protect_calls += 1
+        self.faults += int(counts.sum())
+        return starts, counts
+
+    def written_since_last(self) -> np.ndarray:
+        """Sorted int64 pfns written since the previous call (or arm), re-protected atomically."""
+        return ranges_to_pfns(*self.written_ranges_since_last())
+
+    def stats(self) -> dict:
+        """Counters for the JSON report."""
+        return {**super().stats(), "scans": self.scans,
+                "scan_ioctls": self._scanner.ioctl_calls}
+
+    def close(self) -> None:
+        """Close the pagemap fd (the uffd fd belongs to the caller)."""
+        self._scanner.close()
+
+    def __enter__(self) -> "UffdAsyncTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DisabledTracker:
+    """Tracking deliberately off: same surface, reports no write ever (oracle control case)."""
+
+    def __init__(self, page_count: int):
+        self.page_count = page_count
+        self.faults = 0
+        self.protect_calls = 0
+
+    def protect_all(self) -> None:
+        """No-op."""
+
+    def arm(self) -> None:
+        """No-op."""
+
+    def new_round(self, snapshot: Callable[[], T] | None = None) -> T | None:
+        """Just calls ``snapshot()``."""
+        return snapshot() if snapshot is not None else None
+
+    def written_since_last(self) -> np.ndarray:
+        """Always empty."""
+        return np.empty(0, dtype=np.int64)
+
+    def stats(self) -> dict:
+        """Counters for the JSON report."""
+        return {"faults": 0, "protect_calls": 0}
+
+    def close(self) -> None:
+        """No-op."""
