@@ -13,10 +13,15 @@ A write fault clears ``skip``, sets ``written`` and so puts the page into the ne
 set. Only hints under the active command id reach :meth:`apply_hints` (the connection drops stale
 ones), which is what makes a persistent skip safe: a hint is applied in the same round its walk
 happened in, and that round's write tracking catches every later write.
+
+Real write-protect backends deliver faults from another OS thread, so every mutation holds
+``self.lock``: a hint's check of ``written`` and its setting of ``skip`` must not interleave with a
+fault's setting of ``written`` and clearing of ``skip``, or a stale skip could survive the fault.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,28 +52,32 @@ class HostPageState:
         self.written = np.zeros(page_count, dtype=bool)
         self.dirty = np.ones(page_count, dtype=bool)  # round 0 sends everything
         self.invalidate = invalidate
+        self.lock = threading.Lock()
         self.faults = 0
         self.hints = HintStats()
 
     def begin_round(self) -> None:
         """Protect every page again; what was written last round becomes this round's send set."""
-        # swap instead of copying: both arrays are page_count bytes
-        self.dirty, self.written = self.written, self.dirty
-        self.written[:] = False
+        with self.lock:
+            # swap instead of copying: both arrays are page_count bytes
+            self.dirty, self.written = self.written, self.dirty
+            self.written[:] = False
 
     def begin_first_round(self) -> None:
         """Round 0: everything is to be sent and everything is protected."""
-        self.dirty[:] = True
-        self.written[:] = False
+        with self.lock:
+            self.dirty[:] = True
+            self.written[:] = False
 
     def on_written(self, pfns: np.ndarray) -> int:
         """Handle write faults for ``pfns``; return how many were first writes this round."""
         pfns = np.asarray(pfns, dtype=np.int64)
-        first = int(np.count_nonzero(~self.written[pfns]))
-        self.written[pfns] = True
-        if self.invalidate:
-            self.skip[pfns] = False
-        self.faults += first
+        with self.lock:
+            first = int(np.count_nonzero(~self.written[pfns]))
+            self.written[pfns] = True
+            if self.invalidate:
+                self.skip[pfns] = False
+            self.faults += first
         return first
 
     def apply_hints(self, ranges: np.ndarray) -> int:
@@ -88,6 +97,10 @@ class HostPageState:
         self.hints.batches += 1
         self.hints.ranges += n
         self.hints.pages += int(sizes.sum())
+        with self.lock:
+            return self._apply_locked(starts, sizes)
+
+    def _apply_locked(self, starts: np.ndarray, sizes: np.ndarray) -> int:
         marked = 0
         refused = 0
         for size in np.unique(sizes):  # at most 21 distinct sizes
