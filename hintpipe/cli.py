@@ -123,6 +123,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if rep["migration"]["verified"] else 1
 
 
+def format_replay(rep: dict) -> str:
+    """Human-readable summary of ``hintpipe replay``."""
+    t, i, f = rep["trace"], rep["initial"], rep["final"]
+    head = [
+        f"trace {t['path']} ({t['kind']}): {t['events']:,} events over {t['span_s']:.3f} s, {t['pages']:,} pages",
+        f"initial free pages {i['free_pages']:,} (buddyinfo.start {i['reference_free_pages']}), "
+        f"by order {i['free_by_order']}",
+        f"final free pages   {f['free_pages']:,} (buddyinfo.end {f['reference_free_pages']}, "
+        f"error {f['error_pages']} pages = {f['error_pct']}%)",
+    ]
+    rep2 = {"config": {"gib": round(t["pages"] * 4096 / 2**30, 2), "pages": t["pages"], "workload": "replay",
+                       **rep["config"]}, **{k: rep[k] for k in ("migration", "hints", "faults", "lock")}}
+    rep2["hints"].setdefault("stale_messages", 0)
+    tail = f"replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s; parse {rep['parse_s']} s)"
+    return "\n".join(head) + "\n" + format_summary(rep2) + "\n" + tail
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from hintpipe.host.migration import MigrationConfig
+    from hintpipe.trace import TraceError, open_trace
+    from hintpipe.trace.replay import ReplayConfig, ReplayUsageError, replay
+
+    try:
+        cfg = ReplayConfig(
+            min_order=args.min_order, batch=args.batch, race_mode=args.race_mode,
+            migration=MigrationConfig(bandwidth_gbit=args.bandwidth, max_rounds=args.max_rounds,
+                                      downtime_ms=args.downtime_ms),
+            queue_size=args.queue_size, write_rate=args.write_rate, seed=args.seed,
+            baseline=not args.no_baseline,
+        )
+        trace = open_trace(args.trace, skip_bad=args.skip_bad)
+        rep = replay(trace, cfg)
+    except (ReplayUsageError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    except TraceError as e:
+        raise UsageError(f"error: {e}") from None
+    if args.skip_bad and rep["trace"]["bad_lines_skipped"]:
+        print(f"hintpipe: warning: skipped {rep['trace']['bad_lines_skipped']} bad trace lines", file=sys.stderr)
+    print(json.dumps(rep) if args.json else format_replay(rep))
+    return 0 if rep["migration"]["verified"] else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hintpipe.trace.commands import cmd_inspect as run
+
+    return run(args.trace, as_json=args.json, samples=args.samples, skip_bad=args.skip_bad)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from hintpipe.trace.commands import cmd_record as run
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    return run(args.outdir, duration=args.duration, command=command or None)
+
+
+def cmd_trace_convert(args: argparse.Namespace) -> int:
+    from hintpipe.trace.commands import cmd_convert as run
+
+    return run(args.src, args.dst, skip_bad=args.skip_bad)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (subcommands register themselves here)."""
     p = argparse.ArgumentParser(prog="hintpipe", description="Free page hinting for live migration.")
@@ -134,6 +195,42 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.add_argument("--no-baseline", action="store_true", help="skip the migration without hinting")
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("replay", help="replay a real allocator trace through hinting and a migration")
+    r.add_argument("trace", help="recording folder (kmem.trace.zst + kpageflags.start.zst ...) or trace-v1 file")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--min-order", type=int, default=9)
+    r.add_argument("--batch", type=int, default=32)
+    r.add_argument("--race-mode", choices=("detect", "isolate"), default="detect",
+                   help="detect only: a recorded kernel cannot have blocks isolated from it")
+    r.add_argument("--write-rate", type=float, default=0.0, metavar="PAGES_PER_S",
+                   help="extra writes to allocated pages per second of trace (allocations always write)")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--skip-bad", action="store_true", help="skip malformed/unknown lines with a warning instead of failing")
+    r.add_argument("--no-baseline", action="store_true", help="skip the replay without hinting")
+    add_migration_options(r)
+    r.set_defaults(func=cmd_replay)
+
+    i = sub.add_parser("inspect", help="counts by event type and order, time span, free memory over time")
+    i.add_argument("trace")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--samples", type=int, default=50)
+    i.add_argument("--skip-bad", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    rec = sub.add_parser("record", help="record this machine's page allocator (root, tracefs)")
+    rec.add_argument("outdir")
+    rec.add_argument("--duration", type=float, default=None, metavar="S")
+    rec.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    rec.set_defaults(func=cmd_record)
+
+    t = sub.add_parser("trace", help="trace file utilities")
+    tsub = t.add_subparsers(dest="trace_command", required=True)
+    c = tsub.add_parser("convert", help="write hintpipe's trace-v1 format from a recording")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--skip-bad", action="store_true")
+    c.set_defaults(func=cmd_trace_convert)
     return p
 
 

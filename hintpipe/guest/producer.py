@@ -168,7 +168,10 @@ class Producer:
                     async with self.zone.walker():
                         pfns, orders = self.walker.next_batch()
                 if len(pfns) == 0:
-                    break
+                    if self.walker.done:
+                        break
+                    await trio.sleep(0)  # budget spent finding nothing: let allocations in
+                    continue
                 ranges = np.column_stack((pfns.astype(np.uint64), np.left_shift(np.uint64(1), orders.astype(np.uint64))))
                 frame = self.conn.hints(cmd_id, ranges)
                 if self.walker.isolate:
