@@ -112,10 +112,19 @@ def format_summary(rep: dict) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hintpipe.host.uffd import UffdUnavailable
     from hintpipe.sim import run_sim
 
-    cfg = sim_config_from(args)
-    rep = run_sim(cfg, baseline=not args.no_baseline)
+    try:
+        cfg = replace(sim_config_from(args), memory=args.memory, wp=args.wp)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        rep = run_sim(cfg, baseline=not args.no_baseline)
+    except UffdUnavailable as e:  # asked for by name and missing here: say what, never fall back
+        raise UsageError(e.reason) from None
     if args.json:
         print(json.dumps(rep))
     else:
@@ -174,8 +183,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_record(args: argparse.Namespace) -> int:
     from hintpipe.trace.commands import cmd_record as run
 
-    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
-    return run(args.outdir, duration=args.duration, command=command or None)
+    return run(args.outdir, duration=args.duration, command=args.record_command or None)
 
 
 def cmd_trace_convert(args: argparse.Namespace) -> int:
@@ -184,16 +192,102 @@ def cmd_trace_convert(args: argparse.Namespace) -> int:
     return run(args.src, args.dst, skip_bad=args.skip_bad)
 
 
+def _secret_from(args: argparse.Namespace) -> bytes | None:
+    """``--secret`` (or ``$HINTPIPE_SECRET``) as bytes, None when unset."""
+    import os
+
+    text = args.secret if args.secret is not None else os.environ.get("HINTPIPE_SECRET")
+    if text is not None and len(text) < 8:
+        raise UsageError("--secret must be at least 8 characters")
+    return None if text is None else text.encode()
+
+
+def _address_from(text: str):
+    from hintpipe.channel.address import AddressError, parse_address
+
+    try:
+        return parse_address(text)
+    except AddressError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_guest(args: argparse.Namespace) -> int:
+    """``hintpipe guest``: run one guest process until its host has migrated it."""
+    import trio
+
+    from hintpipe.proc.guest import GuestOptions, guest_main
+
+    opts = GuestOptions(address=_address_from(args.connect), cfg=sim_config_from(args), name=args.name,
+                        secret=_secret_from(args), connect_timeout_s=args.connect_timeout)
+    out = trio.run(guest_main, opts)
+    if args.json:
+        print(json.dumps({"ok": out.ok, "reason": out.reason, "summary": out.summary}))
+    else:
+        print(f"hintpipe guest: {out.reason}", file=sys.stdout if out.ok else sys.stderr)
+    return 0 if out.ok else 1
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    """``hintpipe host``: serve guests on an address, migrate each, print one report per guest."""
+    import trio
+
+    from hintpipe.proc.host import HostOptions, host_main
+
+    addr = _address_from(args.listen)
+    secret = _secret_from(args)
+    if addr.kind == "tcp" and not addr.is_loopback() and secret is None:
+        raise UsageError(f"listening on non-loopback {addr} requires --secret (or $HINTPIPE_SECRET)")
+    if args.guests is not None and args.guests < 1:
+        raise UsageError("--guests must be >= 1")
+    opts = HostOptions(address=addr, cfg=sim_config_from(args), guests=args.guests, json=args.json,
+                       out=args.out, secret=secret, handshake_timeout_s=args.handshake_timeout)
+    try:
+        return trio.run(host_main, opts)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {addr}: {e.strerror or e}") from None
+
+
+def add_paired_parsers(sub) -> None:
+    """Register ``hintpipe guest`` and ``hintpipe host`` (paired processes, real time)."""
+    g = sub.add_parser("guest", help="run a simulated guest process that a `hintpipe host` migrates")
+    g.add_argument("--connect", required=True, metavar="ADDR", help="unix:PATH, tcp:HOST:PORT or shm:NAME")
+    g.add_argument("--name", default="guest", help="name in the host's report")
+    g.add_argument("--secret", default=None, help="shared secret for tcp hosts that require it")
+    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
+    g.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
+    add_guest_options(g)
+    add_migration_options(g)
+    g.set_defaults(func=cmd_guest)
+
+    h = sub.add_parser("host", help="accept guest processes and migrate each (one report per guest)")
+    h.add_argument("--listen", required=True, metavar="ADDR", help="unix:PATH, tcp:HOST:PORT or shm:NAME")
+    h.add_argument("--guests", type=int, default=None, metavar="N", help="exit after N guests (default: serve until interrupted)")
+    h.add_argument("--json", action="store_true", help="one JSON object per guest, one a line")
+    h.add_argument("--out", default=None, metavar="FILE", help="also append each report to FILE")
+    h.add_argument("--secret", default=None, help="require guests to prove this secret (needed off loopback)")
+    h.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S")
+    add_guest_options(h)
+    add_migration_options(h)
+    h.set_defaults(func=cmd_host)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (subcommands register themselves here)."""
     p = argparse.ArgumentParser(prog="hintpipe", description="Free page hinting for live migration.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="subcommand", required=True)
 
     d = sub.add_parser("demo", help="migrate a simulated VM in one process, with and without hinting")
     add_guest_options(d)
     add_migration_options(d)
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.add_argument("--no-baseline", action="store_true", help="skip the migration without hinting")
+    d.add_argument("--memory", choices=("sim", "real"), default="sim",
+                   help="sim: page versions only (default); real: guest RAM is a memfd of --size, "
+                        "checked byte for byte")
+    d.add_argument("--wp", choices=("sim", "uffd", "uffd-async", "auto", "off"), default="auto",
+                   help="write tracking: auto (default: best that works, uffd-async > uffd > sim; "
+                        "always sim with --memory sim), sim (simulated faults), uffd (sync "
+                        "userfaultfd), uffd-async (WP_ASYNC + PAGEMAP_SCAN), off (none: loses pages)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("replay", help="replay a real allocator trace through hinting and a migration")
@@ -220,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("record", help="record this machine's page allocator (root, tracefs)")
     rec.add_argument("outdir")
-    rec.add_argument("--duration", type=float, default=None, metavar="S")
-    rec.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    rec.add_argument("--duration", type=float, default=None, metavar="S",
+                     help="stop after S seconds; with `-- COMMAND ...` record until the command ends")
     rec.set_defaults(func=cmd_record)
 
     t = sub.add_parser("trace", help="trace file utilities")
@@ -231,13 +325,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--skip-bad", action="store_true")
     c.set_defaults(func=cmd_trace_convert)
+    add_paired_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hintpipe`` console script."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `hintpipe record OUT [--duration S] -- COMMAND ...`: argparse with subcommands cannot take a
+    # trailing command after `--`, so it is split off here
+    command: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = parser.parse_args(argv)
+    if command and args.subcommand != "record":
+        parser.error("`-- COMMAND` is only for `hintpipe record`")
+    args.record_command = command
     try:
         return args.func(args)
     except UsageError as e:

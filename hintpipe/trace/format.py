@@ -1,0 +1,179 @@
+"""hintpipe trace format v1 (normative spec: protocols/trace-v1.md).
+
+Layout: the 8 magic bytes ``HPTRACE1`` then one zstd stream holding a sequence of msgpack maps:
+a header, event batches of columnar little-endian arrays (msgpack bin), and an end record.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zstandard
+
+from .errors import TraceError
+from .events import COLUMNS, EventBatch
+from .stream import iter_zstd_fileobj
+
+MAGIC = b"HPTRACE1"
+VERSION = 1
+MAX_BATCH = 1 << 20  # events per batch a writer may emit; readers reject larger batches
+ZSTD_LEVEL = 6
+
+
+def _pack_bitmap(mask: np.ndarray) -> bytes:
+    return np.packbits(mask.astype(bool), bitorder="little").tobytes()
+
+
+def _unpack_bitmap(b: bytes, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(b, np.uint8), count=n, bitorder="little").astype(bool)
+
+
+def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16) -> dict:
+    """Write an opened :class:`~hintpipe.trace.recording.Trace` as trace-v1. Returns a summary."""
+    out_file = Path(out_file)
+    header = {
+        "type": "header",
+        "magic": "hintpipe-trace",
+        "version": VERSION,
+        "page_size": 4096,
+        "page_count": trace.page_count,
+        "source": {k: v for k, v in trace.source.items() if isinstance(v, str)},
+        "initial_free": {"encoding": "bitmap-le", "data": _pack_bitmap(trace.initial_free)},
+        "buddyinfo_start": trace.buddyinfo_start,
+        "buddyinfo_end": trace.buddyinfo_end,
+        "columns": [[k, dt.str] for k, dt in COLUMNS.items()],
+    }
+    total = 0
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+    tmp = out_file.with_name(out_file.name + ".part")
+    with open(tmp, "wb") as raw:
+        raw.write(MAGIC)
+        with cctx.stream_writer(raw, closefd=False) as z:
+            z.write(msgpack.packb(header, use_bin_type=True))
+            for b in trace.batches():
+                for s in range(0, len(b), batch_events):
+                    part = b.take(slice(s, s + batch_events))
+                    rec = {"type": "batch", "n": len(part)}
+                    for k, dt in COLUMNS.items():
+                        rec[k] = np.ascontiguousarray(getattr(part, k), dtype=dt).tobytes()
+                    z.write(msgpack.packb(rec, use_bin_type=True))
+                    total += len(part)
+            z.write(msgpack.packb({"type": "end", "events": total}, use_bin_type=True))
+    tmp.replace(out_file)
+    return {"events": total, "bytes": out_file.stat().st_size, "page_count": trace.page_count}
+
+
+def _records(path: Path) -> Iterator[dict]:
+    """Yield the msgpack maps of a trace-v1 file, with truncation/corruption as TraceError."""
+    sp = str(path)
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise TraceError("format", "bad magic (not a hintpipe trace-v1 file)", sp)
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=256 << 20, strict_map_key=True)
+        seen_end = False
+        for data in iter_zstd_fileobj(f, sp):
+            try:
+                unpacker.feed(data)
+                for rec in unpacker:
+                    if not isinstance(rec, dict) or not isinstance(rec.get("type"), str):
+                        raise TraceError("format", "record is not a map with a string 'type'", sp)
+                    if seen_end:
+                        raise TraceError("format", "data after the end record", sp)
+                    seen_end = rec["type"] == "end"
+                    yield rec
+            except (msgpack.exceptions.UnpackException, ValueError, TypeError) as e:
+                raise TraceError("format", f"bad msgpack record ({type(e).__name__}: {e})", sp) from None
+        if not seen_end:
+            raise TraceError("truncated", "trace-v1 file is truncated (no end record)", sp)
+
+
+def read_v1_header(path: str | Path):
+    """Open a trace-v1 file: read and validate its header; returns a Trace."""
+    path = Path(path)
+    sp = str(path)
+    it = _records(path)
+    try:
+        h = next(it)
+    except StopIteration:
+        raise TraceError("truncated", "no header record", sp) from None
+    it.close()
+    try:
+        return _header_to_trace(h, path)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise TraceError("format", f"malformed header ({type(e).__name__}: {e})", sp) from None
+
+
+def _header_to_trace(h: dict, path: Path):
+    from .recording import Trace
+    sp = str(path)
+    if h.get("type") != "header" or h.get("magic") != "hintpipe-trace":
+        raise TraceError("format", "first record is not a trace-v1 header", sp)
+    if h.get("version") != VERSION:
+        raise TraceError("format", f"unsupported version {h.get('version')!r} (this reader knows {VERSION})", sp)
+    n = h.get("page_count")
+    init = h.get("initial_free") or {}
+    if not isinstance(n, int) or n <= 0 or n > 1 << 40:
+        raise TraceError("format", f"bad page_count {n!r}", sp)
+    if init.get("encoding") != "bitmap-le" or not isinstance(init.get("data"), bytes) or len(init["data"]) != (n + 7) // 8:
+        raise TraceError("format", "initial_free must be a little-endian bitmap of page_count bits", sp)
+    cols = {k: v for k, v in h.get("columns") or []}
+    for k, dt in COLUMNS.items():
+        if cols.get(k) != dt.str:
+            raise TraceError("format", f"column {k} must have dtype {dt.str}, header says {cols.get(k)!r}", sp)
+    for key in ("buddyinfo_start", "buddyinfo_end"):
+        bi = h.get(key)
+        if bi is not None and not (isinstance(bi, dict) and isinstance(bi.get("free_pages"), int)
+                                   and isinstance(bi.get("by_order"), list)
+                                   and all(isinstance(x, int) for x in bi["by_order"])):
+            raise TraceError("format", f"{key} must be nil or a map with free_pages and by_order", sp)
+    if not isinstance(h.get("source") or {}, dict):
+        raise TraceError("format", "source must be a map", sp)
+    return Trace(path, "trace-v1", _unpack_bitmap(init["data"], n), h.get("buddyinfo_start"),
+                 h.get("buddyinfo_end"), dict(h.get("source") or {}))
+
+
+def iter_v1_batches(path: str | Path, page_count: int) -> Iterator[EventBatch]:
+    """Stream the event batches of a trace-v1 file, validating sizes, types and pfn range."""
+    sp = str(path)
+    total = 0
+    for rec in _records(Path(path)):
+        t = rec.get("type")
+        if t == "header":
+            continue
+        if t == "end":
+            if rec.get("events") != total:
+                raise TraceError("format", f"end record says {rec.get('events')} events, batches held {total}", sp)
+            return
+        if t != "batch":
+            continue  # unknown record types are skipped (forward compatibility, see spec)
+        n = rec.get("n")
+        if not isinstance(n, int) or not 0 <= n <= MAX_BATCH:
+            raise TraceError("format", f"bad batch size {n!r} (event {total})", sp)
+        cols = {}
+        for k, dt in COLUMNS.items():
+            b = rec.get(k)
+            if not isinstance(b, bytes) or len(b) != n * dt.itemsize:
+                raise TraceError("format", f"column {k} of the batch at event {total} has the wrong size", sp)
+            cols[k] = np.frombuffer(b, dt)
+        batch = EventBatch(**cols)
+        if n and ((batch.etype > 4).any() or (batch.order > 10).any()):
+            raise TraceError("format", f"unknown event type or order > 10 in the batch at event {total}", sp)
+        if n:
+            end = batch.pfn + (np.uint64(1) << batch.order.astype(np.uint64))
+            bad = np.flatnonzero(end > np.uint64(page_count))
+            if len(bad):
+                raise TraceError("pfn-range", f"event {total + int(bad[0])}: pfn {int(batch.pfn[bad[0]]):#x} lies beyond "
+                                 f"the snapshot ({page_count} pages)", sp)
+        total += n
+        yield batch
+    raise TraceError("truncated", "trace-v1 file ended without an end record", sp)
+
+
+def convert(recording_dir: str | Path, out_file: str | Path, skip_bad: bool = False) -> dict:
+    """Convert a recording folder (or another trace-v1 file) into a trace-v1 file."""
+    from .recording import open_trace
+    return write_v1(out_file, open_trace(recording_dir, skip_bad=skip_bad))

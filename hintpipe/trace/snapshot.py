@@ -1,0 +1,137 @@
+"""Allocator snapshots: /proc/kpageflags (BUDDY pages), /proc/buddyinfo, /proc/zoneinfo.
+
+From kernel 6.x KPF_BUDDY is set on every page of a free buddy block, so the free blocks are
+recovered by splitting each run of BUDDY pages into maximal naturally aligned power-of-two
+blocks (order at most MAX_ORDER), all with array operations.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TraceError
+from .stream import iter_raw
+
+KPF_BUDDY = 10
+"""Bit of /proc/kpageflags set on pages that sit in a buddy free list (include/uapi/linux/kernel-page-flags.h)."""
+MAX_ORDER = 10
+NR_ORDERS = MAX_ORDER + 1
+
+
+def read_kpageflags_buddy(path: str | Path) -> np.ndarray:
+    """Return bool[page_count]: True where KPF_BUDDY is set in a kpageflags snapshot (zstd/gzip/plain).
+
+    Streams the file: only the byte holding bit 10 (byte 1 of each little-endian u64) is kept,
+    so memory is one byte per page, not eight.
+    """
+    parts: list[np.ndarray] = []
+    carry = b""
+    for piece in iter_raw(path):
+        data = carry + piece if carry else piece
+        cut = len(data) - len(data) % 8
+        carry = data[cut:]
+        if cut:
+            b1 = np.frombuffer(data, np.uint8, count=cut)[1::8]
+            parts.append((b1 & (1 << (KPF_BUDDY - 8))) != 0)
+    if carry:
+        raise TraceError("corrupt", "kpageflags snapshot is not a whole number of 8-byte entries", str(path))
+    if not parts:
+        raise TraceError("corrupt", "kpageflags snapshot is empty", str(path))
+    return np.concatenate(parts)
+
+
+def _levels(mask: np.ndarray, max_order: int) -> list[np.ndarray]:
+    """levels[k][i] is True iff the aligned order-k block i (pages i*2^k ..) is entirely set.
+    Each level is built from the one below with one AND of its even and odd entries, so all
+    levels together cost about two passes over the mask."""
+    levels = [np.asarray(mask, bool)]
+    for _ in range(max_order):
+        prev = levels[-1]
+        m = len(prev) // 2
+        levels.append(prev[0:2 * m:2] & prev[1:2 * m:2])
+    return levels
+
+
+def decompose(mask: np.ndarray, min_order: int = 0, max_order: int = MAX_ORDER) -> tuple[np.ndarray, np.ndarray]:
+    """Split the True pages of ``mask`` into maximal naturally aligned power-of-two blocks.
+
+    Returns (pfns uint64, orders uint8), highest order first, only blocks of order >= min_order.
+    A block of order k is maximal when all its pages are set and its aligned parent of order
+    k+1 is not entirely set (or k is max_order); this equals the buddy allocator's merge of a
+    run of free pages.
+    """
+    levels = _levels(mask, max_order)
+    pfns_out, orders_out = [], []
+    for k in range(max_order, min_order - 1, -1):
+        lk = levels[k]
+        if k == max_order:
+            sel = lk
+        else:
+            parent = np.zeros(len(lk), bool)
+            up = levels[k + 1]
+            parent[: 2 * len(up)] = np.repeat(up, 2)
+            sel = lk & ~parent
+        idx = np.flatnonzero(sel)
+        if len(idx):
+            pfns_out.append(idx.astype(np.uint64) << np.uint64(k))
+            orders_out.append(np.full(len(idx), k, np.uint8))
+    if not pfns_out:
+        return np.empty(0, np.uint64), np.empty(0, np.uint8)
+    return np.concatenate(pfns_out), np.concatenate(orders_out)
+
+
+def count_by_order(mask: np.ndarray) -> list[int]:
+    """Number of maximal aligned free blocks per order 0..MAX_ORDER (buddyinfo's view)."""
+    _, orders = decompose(mask)
+    return np.bincount(orders, minlength=NR_ORDERS).tolist()
+
+
+_BUDDY_RE = re.compile(r"^Node\s+(\d+),\s+zone\s+(\S+)\s+((?:\d+\s*)+)$")
+
+
+def parse_buddyinfo(text: str, path: str = "buddyinfo") -> dict:
+    """Parse /proc/buddyinfo. Returns {"zones": {"Normal": [11 ints], ...}, "by_order": [11 ints],
+    "free_pages": int} with zones summed per order."""
+    zones: dict[str, list[int]] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _BUDDY_RE.match(line.strip())
+        if not m:
+            raise TraceError("malformed", f"not a buddyinfo line: {line!r}", path, i)
+        counts = [int(x) for x in m.group(3).split()]
+        zones[f"{m.group(1)}:{m.group(2)}"] = counts
+    width = max((len(c) for c in zones.values()), default=NR_ORDERS)
+    by_order = [sum(c[k] for c in zones.values() if k < len(c)) for k in range(width)]
+    free = sum(n << k for k, n in enumerate(by_order))
+    return {"zones": zones, "by_order": by_order, "free_pages": free}
+
+
+def read_buddyinfo(path: str | Path) -> dict:
+    return parse_buddyinfo(Path(path).read_text(), str(path))
+
+
+def parse_zoneinfo(text: str) -> list[dict]:
+    """Zone boundaries from /proc/zoneinfo: [{"node", "zone", "start_pfn", "spanned", "present",
+    "managed", "free"}], in file order."""
+    zones: list[dict] = []
+    cur: dict | None = None
+    for line in text.splitlines():
+        m = re.match(r"^Node\s+(\d+),\s+zone\s+(\S+)", line)
+        if m:
+            cur = {"node": int(m.group(1)), "zone": m.group(2)}
+            zones.append(cur)
+            continue
+        if cur is None:
+            continue
+        s = line.split()
+        if len(s) >= 2 and s[0] in ("spanned", "present", "managed") and s[1].isdigit():
+            cur[s[0]] = int(s[1])
+        elif len(s) >= 3 and s[0] == "pages" and s[1] == "free":
+            cur["free"] = int(s[2])
+        elif len(s) >= 2 and s[0] == "start_pfn:":
+            cur["start_pfn"] = int(s[1])
+    return zones
