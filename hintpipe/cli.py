@@ -213,13 +213,21 @@ def _address_from(text: str):
 
 def cmd_guest(args: argparse.Namespace) -> int:
     """``hintpipe guest``: run one guest process until its host has migrated it."""
+    import os
+
     import trio
 
     from hintpipe.proc.guest import GuestOptions, guest_main
 
     opts = GuestOptions(address=_address_from(args.connect), cfg=sim_config_from(args), name=args.name,
                         secret=_secret_from(args), connect_timeout_s=args.connect_timeout)
-    out = trio.run(guest_main, opts)
+    try:
+        out = trio.run(guest_main, opts)
+    except Exception as e:  # a bug, not a user error: one line unless HINTPIPE_DEBUG is set
+        if os.environ.get("HINTPIPE_DEBUG"):
+            raise
+        print(f"hintpipe guest: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"ok": out.ok, "reason": out.reason, "summary": out.summary}))
     else:

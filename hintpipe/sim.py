@@ -17,7 +17,7 @@ import trio.testing
 
 from hintpipe.channel.inproc import inproc_pair
 from hintpipe.guest.buddy import BuddyAllocator
-from hintpipe.guest.memory import GuestMemory, NoTracking
+from hintpipe.guest.memory import GuestMemory
 from hintpipe.guest.producer import MigrationFailed, Producer
 from hintpipe.guest.walker import FreeListWalker
 from hintpipe.guest.workload import Workload, WorkloadConfig
@@ -25,7 +25,8 @@ from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationConfig, MigrationEngine, MigrationResult
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
-from hintpipe.host.writeprotect import SimWriteProtect
+from hintpipe.host.wp_backends import REAL_BACKENDS, WP_CHOICES, make_backend, resolve_backend
+from hintpipe.realmem import RealGuestMemory, RealMachine
 
 RACE_MODES = ("detect", "isolate")
 
@@ -44,7 +45,8 @@ class SimConfig:
     queue_size: int = 256
     event_idx: bool = True
     max_ranges: int = 4096
-    wp: str = "sim"  # "sim" or "off" (no write tracking: a broken setup for the oracle test)
+    wp: str = "sim"  # sim, uffd, uffd-async, auto, or off (no write tracking: for the oracle test)
+    memory: str = "sim"  # "sim": versions only; "real": page bytes in a memfd (hintpipe.realmem)
     invalidate: bool = True  # write-protect invalidation of skips (off only to prove the oracle)
     charge_holds: bool = True
 
@@ -59,8 +61,12 @@ class SimConfig:
             raise ValueError(f"batch must be in 1..{self.max_ranges}")
         if self.queue_size < 1 or self.queue_size & (self.queue_size - 1):
             raise ValueError("queue size must be a power of two")
-        if self.wp not in ("sim", "off"):
-            raise ValueError("wp must be 'sim' or 'off' in the in-process simulation")
+        if self.memory not in ("sim", "real"):
+            raise ValueError(f"memory must be 'sim' or 'real', got {self.memory!r}")
+        if self.wp not in WP_CHOICES:
+            raise ValueError(f"wp must be one of {', '.join(WP_CHOICES)}, got {self.wp!r}")
+        if self.wp in REAL_BACKENDS and self.memory != "real":
+            raise ValueError(f"--wp {self.wp} write-protects real memory: use it with --memory real")
 
 
 @dataclass
@@ -78,19 +84,49 @@ class SimRun:
     walker: FreeListWalker | None
     wall_s: float
     kicks: dict
+    wp: dict = field(default_factory=dict)
 
 
-async def migrate_guest(cfg: SimConfig, *, hinting: bool = True) -> SimRun:
-    """Boot a guest, migrate it (hinting on or off) and verify; runs under any trio clock."""
+async def migrate_guest(cfg: SimConfig, *, hinting: bool = True,
+                        machine: RealMachine | None = None) -> SimRun:
+    """Boot a guest, migrate it (hinting on or off) and verify; runs under any trio clock.
+
+    With ``cfg.memory == "real"`` the guest's pages live in ``machine`` (a :class:`RealMachine`,
+    reused across runs by :func:`run_sim`; made here and closed at the end if not given), and
+    ``cfg.wp`` must be resolved (not ``auto``) unless this function makes the machine.
+    """
+    if cfg.memory == "real" and machine is None:
+        wp = resolve_backend(cfg.wp, "real")
+        with RealMachine(cfg.pages, wp) as own:
+            return await migrate_guest(replace(cfg, wp=wp), hinting=hinting, machine=own)
+    wp_name = resolve_backend(cfg.wp, cfg.memory) if cfg.wp == "auto" else cfg.wp
     t_wall = time.perf_counter()
     n = cfg.pages
     alloc = BuddyAllocator(n)
-    memory = GuestMemory(n)
+    state = HostPageState(n, invalidate=cfg.invalidate)
+    if cfg.memory == "real":
+        if machine.backend != wp_name:
+            raise ValueError(f"machine registered for --wp {machine.backend}, config says {wp_name}")
+        machine.reset_dest()
+        backend = make_backend(wp_name, state, **machine.backend_kwargs())
+        memory = RealGuestMemory(machine.guest)
+        read_source, dest = machine.read_source, machine.dest
+    else:
+        backend = make_backend(wp_name, state)
+        memory = GuestMemory(n)
+        read_source, dest = (lambda idx: memory.versions[idx]), None
+    try:
+        return await _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall)
+    finally:
+        backend.close()  # sync uffd: lifts all protection, so no later write can block
+
+
+async def _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall) -> SimRun:
+    n = cfg.pages
     zone = ZoneLock(charge_holds=cfg.charge_holds)
     workload = Workload(cfg.workload, alloc, memory, zone)
-    await workload.boot()
-    state = HostPageState(n, invalidate=cfg.invalidate)
-    memory.tracker = SimWriteProtect(state) if cfg.wp == "sim" else NoTracking()
+    await workload.boot()  # before round 0: untracked, and round 0 sends everything anyway
+    memory.tracker = backend.guest_tracker  # simulated faults from now on (real ones: in-kernel)
     mig_cfg = replace(cfg.migration, hinting=hinting)
     producer = session = walker = None
     guest_end, host_end = inproc_pair(cfg.queue_size, event_idx=cfg.event_idx)
@@ -113,10 +149,13 @@ async def migrate_guest(cfg: SimConfig, *, hinting: bool = True) -> SimRun:
     engine = MigrationEngine(
         mig_cfg,
         state,
-        read_source=lambda idx: memory.versions[idx],
+        read_source=read_source,
         free_mask=lambda: alloc.free_mask,
         pause_guest=workload.gate.pause,
         session=session,
+        before_chunk=backend.before_chunk,
+        start_round=backend.start_round,
+        dest=dest,
     )
     guest_outcome: list[str] = []
 
@@ -152,7 +191,7 @@ async def migrate_guest(cfg: SimConfig, *, hinting: bool = True) -> SimRun:
             "host_to_guest_kicks_suppressed": h.kicks_suppressed,
         }
     return SimRun(result, state, alloc, memory, zone, workload, producer, session, walker,
-                  time.perf_counter() - t_wall, kicks)
+                  time.perf_counter() - t_wall, kicks, backend.stats())
 
 
 def report(cfg: SimConfig, run: SimRun, baseline: SimRun | None) -> dict:
@@ -178,6 +217,7 @@ def report(cfg: SimConfig, run: SimRun, baseline: SimRun | None) -> dict:
             "queue_size": cfg.queue_size,
             "event_idx": cfg.event_idx,
             "wp": cfg.wp,
+            "memory": cfg.memory,
             "seed": cfg.workload.seed,
         },
         "migration": mig,
@@ -191,7 +231,8 @@ def report(cfg: SimConfig, run: SimRun, baseline: SimRun | None) -> dict:
             "stale_ranges": run.session.stats.stale_ranges if run.session else 0,
         },
         "faults": st.faults,
-        "wp": {"backend": cfg.wp, "faults": st.faults},
+        "wp": {**(run.wp or {"backend": cfg.wp, "faults": st.faults, "protect_calls": 0}),
+               "faults_baseline": baseline.wp.get("faults") if baseline else None},
         "lock": {"max_hold_us": lock["max_hold_us"], "max_alloc_wait_us": lock["max_alloc_wait_us"], **lock},
         "notifications": run.kicks,
         "workload": asdict(ws),
@@ -200,12 +241,23 @@ def report(cfg: SimConfig, run: SimRun, baseline: SimRun | None) -> dict:
 
 
 def run_sim(cfg: SimConfig, *, baseline: bool = True) -> dict:
-    """Run the hinted migration and (optionally) its baseline under a virtual clock; return JSON."""
+    """Run the hinted migration and (optionally) its baseline under a virtual clock; return JSON.
+
+    One :class:`RealMachine` serves both runs in real-memory mode (allocated and touched once).
+    ``cfg.wp == "auto"`` is resolved first; the report's ``wp.backend`` is the one used.
+    Raises ``UffdUnavailable`` when a real backend asked for by name cannot work here.
+    """
+    cfg = replace(cfg, wp=resolve_backend(cfg.wp, cfg.memory))
+    machine = RealMachine(cfg.pages, cfg.wp) if cfg.memory == "real" else None
 
     async def main():
-        run = await migrate_guest(cfg, hinting=True)
-        base = await migrate_guest(cfg, hinting=False) if baseline else None
+        run = await migrate_guest(cfg, hinting=True, machine=machine)
+        base = await migrate_guest(cfg, hinting=False, machine=machine) if baseline else None
         return run, base
 
-    run, base = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    try:
+        run, base = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        if machine is not None:
+            machine.close()
     return report(cfg, run, base)

@@ -19,16 +19,23 @@ import trio
 from hintpipe.guest.walker import FreeListWalker
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.protocol import (
+    MAX_OUTSTANDING_FAULTS,
     Ack,
     Bye,
     Done,
     Error,
+    FaultDone,
     GuestConnection,
+    LocalProtocolError,
     ProtocolError,
     StartRound,
     StopRound,
     Welcome,
 )
+
+
+SEND_SHIELD_S = 5.0
+"""How long a Hints frame already counted by the connection may wait to be posted, shielded."""
 
 
 class MigrationFailed(Exception):
@@ -75,6 +82,11 @@ class Producer:
         self._credit = trio.Event()
         self._inflight: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self._send_lock = trio.Lock()
+        # paired-process write faults (wire-v1 section 10): seq -> event set by FaultDone
+        self._fault_seq = 0
+        self._fault_waiters: dict[int, trio.Event] = {}
+        self._fault_slots = trio.Semaphore(MAX_OUTSTANDING_FAULTS)
+        self._gone = False
 
     async def _send(self, frame: bytes) -> None:
         async with self._send_lock:
@@ -100,6 +112,9 @@ class Producer:
             finally:
                 nursery.cancel_scope.cancel()
                 self._release_all_inflight()
+                self._gone = True
+                for ev in self._fault_waiters.values():
+                    ev.set()  # their fault() calls raise MigrationFailed
         if not self.result.ok:
             raise MigrationFailed(f"host reports the migration failed: {self.result.summary}")
         return self.result
@@ -113,6 +128,10 @@ class Producer:
             await self._stop_walk()
         elif isinstance(ev, Ack):
             await self._on_ack(ev.count)
+        elif isinstance(ev, FaultDone):
+            waiter = self._fault_waiters.pop(ev.seq, None)
+            if waiter is not None:
+                waiter.set()
         elif isinstance(ev, Done):
             self.result = ev
         elif isinstance(ev, Error):
@@ -121,6 +140,29 @@ class Producer:
             raise MigrationFailed(f"host said goodbye before the migration finished: {ev.reason}")
         elif isinstance(ev, Welcome):
             pass
+
+    async def fault(self, pfns: np.ndarray) -> None:
+        """Report a write to protected pages; return once the host answered ``FaultDone``.
+
+        At most MAX_OUTSTANDING_FAULTS are in flight; raises MigrationFailed if the connection
+        ends first (the write must then not happen as if the host knew of it).
+        """
+        async with self._fault_slots:
+            if self._gone:
+                raise MigrationFailed("connection closed while a write was faulting")
+            seq = self._fault_seq
+            self._fault_seq = (seq + 1) & 0xFFFFFFFF
+            done = self._fault_waiters[seq] = trio.Event()
+            try:
+                frame = self.conn.fault(seq, pfns)
+            except LocalProtocolError as e:  # the connection already failed or closed
+                del self._fault_waiters[seq]
+                raise MigrationFailed(f"cannot report a write fault: {e}") from None
+            await self._send(frame)
+            await done.wait()
+            if seq in self.conn.outstanding_faults:  # woken by the connection ending
+                self._fault_waiters.pop(seq, None)
+                raise MigrationFailed("connection closed while a write was faulting")
 
     async def _stop_walk(self) -> None:
         """Cancel a running walk and tell the host it ended (once per command id)."""
@@ -172,17 +214,28 @@ class Producer:
                         break
                     await trio.sleep(0)  # budget spent finding nothing: let allocations in
                     continue
+                if self.conn.active_cmd_id != cmd_id:
+                    # StopRound arrived while the (shielded) batch was taken: drop the batch; the
+                    # pending cancellation lands at the checkpoint
+                    if self.walker.isolate:
+                        self.walker.release(pfns, orders)
+                    await trio.lowlevel.checkpoint()
+                    return
                 ranges = np.column_stack((pfns.astype(np.uint64), np.left_shift(np.uint64(1), orders.astype(np.uint64))))
                 frame = self.conn.hints(cmd_id, ranges)
                 if self.walker.isolate:
                     self._inflight.append((pfns, orders))  # before sending: the ack may come at once
-                try:
-                    await self._send(frame)
-                except trio.Cancelled:
-                    if self.walker.isolate:  # never posted: nobody will ack it
-                        self.walker.release(*self._inflight.pop())
-                    raise
+                # the connection counted the frame: it must go out, or RoundEnd's count would lie
+                # (bounded: a link stuck this long is being torn down anyway)
+                # counted before sending: a StopRound handled while this task waits in the
+                # transport's post-send checkpoint must already include this frame in RoundEnd
                 self._walk_batches += 1
+                with trio.move_on_after(SEND_SHIELD_S) as shield:
+                    shield.shield = True
+                    await self._send(frame)
+                if shield.cancelled_caught:
+                    await trio.lowlevel.checkpoint()  # torn down meanwhile: Cancelled lands here
+                    return
                 self.stats.frames += 1
                 self.stats.ranges += len(pfns)
                 self.stats.pages += int(ranges[:, 1].sum())

@@ -12,6 +12,7 @@ compares every allocated page at the destination with the source: ``lost_pages``
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Awaitable, Callable
 
@@ -20,6 +21,10 @@ import trio
 
 from hintpipe import PAGE_SIZE
 from hintpipe.host.pagestate import HostPageState
+
+
+VERIFY_CHUNK_PAGES = 4096  # pages compared per step by the oracle (16 MiB of real memory)
+STATS_CHUNK_PAGES = 1 << 18  # pages per step of whole-guest statistics (bounded temporaries)
 
 
 @dataclass(frozen=True)
@@ -114,10 +119,17 @@ class HintControl:
 class MigrationEngine:
     """Migrate one guest whose page state the host tracks in ``state``.
 
-    ``read_source(idx)`` returns the source content of pages ``idx`` (versions in simulation);
-    ``free_mask()`` is the guest's current free-page mask (for the oracle and skip efficiency);
-    ``pause_guest`` stops its vCPUs; ``before_chunk`` lets an asynchronous write-protect backend
-    collect written pages before each part of a round is sent; ``session`` drives hinting.
+    ``read_source(idx)`` returns the source content of pages ``idx`` (versions in simulation,
+    ``(len(idx), 512)`` uint64 words in real-memory mode); ``free_mask()`` is the guest's current
+    free-page mask (for the oracle and skip efficiency); ``pause_guest`` stops its vCPUs;
+    ``session`` drives hinting.
+
+    Write-protect hooks (``hintpipe.host.wp_backends`` provides them): ``start_round(index)``
+    starts round ``index`` (0 = first; default ``state.begin_first_round``/``begin_round``), so a
+    real backend can re-protect atomically with the swap; ``before_chunk(start, stop)`` collects
+    writes to pages ``[start, stop)`` (an asynchronous backend scans them) before that chunk of a
+    live round is sent, and once over ``[0, n)`` at the end of each live round. ``dest`` is an
+    optional preallocated (already touched) destination, zeroed by the caller.
     """
 
     cfg: MigrationConfig
@@ -126,12 +138,26 @@ class MigrationEngine:
     free_mask: Callable[[], np.ndarray]
     pause_guest: Callable[[], Awaitable[None]]
     session: object | None = None
-    before_chunk: Callable[[], Awaitable[None]] | None = None
+    before_chunk: Callable[[int, int], Awaitable[None]] | None = None
+    start_round: Callable[[int], None | Awaitable[None]] | None = None
+    dest: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.state.page_count
-        self.dest = np.zeros(n, dtype=self.read_source(np.zeros(1, dtype=np.int64)).dtype)
+        if self.dest is None:
+            sample = self.read_source(np.zeros(1, dtype=np.int64))
+            self.dest = np.zeros((n,) + sample.shape[1:], dtype=sample.dtype)
         self.result = MigrationResult(pages_total=n)
+
+    async def _start_round(self, index: int) -> None:
+        if self.start_round is not None:
+            res = self.start_round(index)
+            if inspect.isawaitable(res):  # paired processes: a barrier with the guest's writers
+                await res
+        elif index == 0:
+            self.state.begin_first_round()
+        else:
+            self.state.begin_round()
 
     async def _hint_start(self) -> bool:
         s = self.session
@@ -166,7 +192,7 @@ class MigrationEngine:
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             if self.before_chunk is not None and live:
-                await self.before_chunk()
+                await self.before_chunk(a, b)
             want = to_send[a:b]
             skip = want & st.skip[a:b]
             go = np.flatnonzero(want & ~st.skip[a:b]) + a
@@ -180,11 +206,17 @@ class MigrationEngine:
             else:
                 await trio.lowlevel.checkpoint()
             skipped += nskip
+        if self.before_chunk is not None and live:
+            await self.before_chunk(0, n)  # round end: every write so far is in ``written``
         rep = RoundReport(index, int(np.count_nonzero(to_send)), sent, skipped, trio.current_time() - t0, hinted)
         if live:
-            stayed = free_start & self.free_mask() & ~st.written & to_send
-            rep.stayed_free = int(np.count_nonzero(stayed))
-            rep.stayed_free_skipped = int(np.count_nonzero(stayed & skipped_mask))
+            fm = self.free_mask()
+            # chunked: four whole-guest temporaries here were the peak of a 2**28-page run
+            for a in range(0, n, STATS_CHUNK_PAGES):
+                b = min(n, a + STATS_CHUNK_PAGES)
+                stayed = free_start[a:b] & fm[a:b] & ~st.written[a:b] & to_send[a:b]
+                rep.stayed_free += int(np.count_nonzero(stayed))
+                rep.stayed_free_skipped += int(np.count_nonzero(stayed & skipped_mask[a:b]))
         return rep
 
     async def run(self) -> MigrationResult:
@@ -193,10 +225,8 @@ class MigrationEngine:
         cfg = self.cfg
         res = self.result
         t_start = trio.current_time()
-        st.begin_first_round()
         for r in range(cfg.max_rounds):
-            if r:
-                st.begin_round()
+            await self._start_round(r)
             hinted = await self._hint_start()
             rep = await self._send_round(r, hinted, live=True)
             if hinted:
@@ -208,7 +238,7 @@ class MigrationEngine:
                 break
         await self.pause_guest()
         t_pause = trio.current_time()
-        st.begin_round()
+        await self._start_round(len(res.round_reports))
         final = await self._send_round(len(res.round_reports), False, live=False)
         res.round_reports.append(final)
         res.downtime_ms = (trio.current_time() - t_pause) * 1e3
@@ -223,10 +253,19 @@ class MigrationEngine:
 
     def verify(self) -> int:
         """The oracle: count allocated pages whose destination content differs from the source."""
-        allocated = np.flatnonzero(~self.free_mask())
-        src = self.read_source(allocated)
-        lost = int(np.count_nonzero(self.dest[allocated] != src))
-        self.result.allocated_pages = len(allocated)
+        fm = self.free_mask()
+        lost = n_allocated = 0
+        step = VERIFY_CHUNK_PAGES  # chunked: real-memory pages are 4 KiB each, keep memory bounded
+        # the allocated pfns are listed per window too: as one int64 array they were 8 bytes
+        # per allocated page of a 2**28-page guest
+        for a in range(0, len(fm), STATS_CHUNK_PAGES):
+            allocated = np.flatnonzero(~fm[a:a + STATS_CHUNK_PAGES]) + a
+            n_allocated += len(allocated)
+            for i in range(0, len(allocated), step):
+                idx = allocated[i:i + step]
+                differ = (self.dest[idx] != self.read_source(idx)).reshape(len(idx), -1).any(axis=1)
+                lost += int(np.count_nonzero(differ))
+        self.result.allocated_pages = n_allocated
         self.result.lost_pages = lost
         self.result.verified = lost == 0
         return lost

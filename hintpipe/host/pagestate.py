@@ -85,37 +85,120 @@ class HostPageState:
 
         ``ranges`` is an ``(n, 2)`` array of ``[start_pfn, npages]`` already validated by the
         protocol layer: each range a naturally aligned power of two inside the guest. The work is
-        grouped by block size, so each group is one fancy-indexed row assignment on a
-        ``(pages / npages, npages)`` view of the bitmap (no Python loop per range).
+        grouped by block size (no Python loop per range): a block of ``s <= 8`` pages is one
+        ``s``-byte word of the bitmap, a larger one a row of ``s / 8`` u64 words, so each group is
+        a gather, a few word operations and a scatter on a reshaped view.
         """
         ranges = np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
         n = len(ranges)
         if n == 0:
             return 0
-        starts = ranges[:, 0].astype(np.int64)
-        sizes = ranges[:, 1].astype(np.int64)
+        # validated values are < 2**40, so the int64 view is exact (and indexes without a cast)
+        starts = ranges[:, 0].view(np.int64)
+        sizes = ranges[:, 1].view(np.int64)
         self.hints.batches += 1
         self.hints.ranges += n
-        self.hints.pages += int(sizes.sum())
+        total = int(sizes.sum())
+        self.hints.pages += total
         with self.lock:
-            return self._apply_locked(starts, sizes)
-
-    def _apply_locked(self, starts: np.ndarray, sizes: np.ndarray) -> int:
-        marked = 0
-        refused = 0
-        for size in np.unique(sizes):  # at most 21 distinct sizes
-            k = int(size)
-            rows = starts[sizes == size] // k
-            limit = (self.page_count // k) * k  # aligned ranges always lie inside this prefix
-            skip = self.skip[:limit].reshape(-1, k)
-            if self.invalidate:
-                ok = ~self.written[:limit].reshape(-1, k)[rows]
-                refused += k * len(rows) - int(np.count_nonzero(ok))
-            else:
-                ok = np.ones((len(rows), k), dtype=bool)
-            new = ok & ~skip[rows]
-            marked += int(np.count_nonzero(new))
-            skip[rows] |= ok
+            marked, refused = self._apply_locked(starts, sizes, total)
         self.hints.pages_marked += marked
         self.hints.pages_refused_written += refused
         return marked
+
+    def _apply_locked(self, starts: np.ndarray, sizes: np.ndarray, total: int) -> tuple[int, int]:
+        n = len(sizes)
+        cut = np.flatnonzero(sizes[1:] != sizes[:-1]) + 1
+        runs = len(cut) + 1
+        # The walker sends blocks top order first, ascending pfn: a batch is a few runs of one
+        # size, processed as slices. A batch in any other order is either expanded to pages (small
+        # batches: fewer numpy calls than one group per size) or grouped by a stable sort.
+        if runs <= 4 or (runs <= _NR_SIZES and n >= 64 * runs):
+            edges = [0, *cut.tolist(), n]
+            groups = [(int(sizes[a]), starts[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+        elif total <= _EXPAND_MAX_PAGES:
+            return self._apply_pages(starts, sizes, total)
+        else:
+            orders = np.bitwise_count(sizes - 1)  # popcount(s - 1) = log2(s) for powers of two
+            counts = np.bincount(orders, minlength=_NR_SIZES)
+            perm = np.argsort(orders, kind="stable")
+            groups, pos = [], 0
+            for k in np.flatnonzero(counts).tolist():
+                c = int(counts[k])
+                groups.append((1 << k, starts[perm[pos:pos + c]]))
+                pos += c
+        marked = refused = 0
+        for size, sel in groups:
+            # chunks keep every temporary small: large fresh numpy temporaries are mmapped and
+            # first-touched on every call, which costs more than the marking itself
+            step = _CHUNK_ROWS if size <= 8 else max(1, _CHUNK_BYTES // size)
+            for i in range(0, len(sel), step):
+                m, r = self._mark_rows(size, sel[i:i + step])
+                marked += m
+                refused += r
+        return marked, refused
+
+    def _mark_rows(self, size: int, sel: np.ndarray) -> tuple[int, int]:
+        """Mark blocks of ``size`` pages starting at ``sel``; return (marked, refused) pages."""
+        k = size.bit_length() - 1
+        rows = sel >> k
+        limit = (self.page_count >> k) << k  # aligned ranges always lie inside this prefix
+        skip_b = self.skip.view(np.uint8)[:limit]
+        wr_b = self.written.view(np.uint8)[:limit]
+        # bool bytes are 0 or 1: ``~word & ONES`` is 1 in each byte of a page not written
+        if size <= 8:
+            dt = _WORD[size]
+            skip, wr = skip_b.view(dt), wr_b.view(dt)
+        elif size <= _ROW_GATHER_MIN:
+            # a few u64 words per block: gather the words one by one (a 1-D gather), which is
+            # several times faster than numpy's row-by-row copy of short 2-D rows
+            dt = np.uint64
+            w = size >> 3
+            rows = ((rows * w)[:, None] + _ARANGE[:w]).ravel()
+            skip, wr = skip_b.view(dt), wr_b.view(dt)
+        else:
+            dt = np.uint64
+            skip = skip_b.view(dt).reshape(-1, size >> 3)
+            wr = wr_b.view(dt).reshape(-1, size >> 3)
+        ones = _ONES[dt]
+        old = skip[rows]
+        refused = 0
+        if self.invalidate:
+            ok = ~wr[rows] & ones
+            refused = size * len(sel) - int(np.count_nonzero(ok.view(np.uint8)))
+        else:
+            ok = np.full(old.shape, ones, dtype=dt)
+        marked = int(np.count_nonzero((ok & ~old).view(np.uint8)))
+        skip[rows] = old | ok
+        return marked, refused
+
+    def _apply_pages(self, starts: np.ndarray, sizes: np.ndarray, total: int) -> tuple[int, int]:
+        """Small unordered batches: expand the blocks to their pages and mark those."""
+        first = np.cumsum(sizes) - sizes
+        pages = np.repeat(starts - first, sizes) + np.arange(total)
+        if self.invalidate:
+            ok = ~self.written[pages]
+            refused = total - int(np.count_nonzero(ok))
+        else:
+            ok = np.ones(total, dtype=bool)
+            refused = 0
+        marked = int(np.count_nonzero(ok & ~self.skip[pages]))
+        self.skip[pages[ok]] = True
+        return marked, refused
+
+
+# Block sizes 2**0 .. 2**20 (MAX_RANGE_ORDER).
+_NR_SIZES = 21
+# A block of s <= 8 pages is exactly one s-byte word of the (bool, one byte a page) bitmap.
+_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_ONES = {
+    np.uint8: np.uint8(1),
+    np.uint16: np.uint16(0x0101),
+    np.uint32: np.uint32(0x0101_0101),
+    np.uint64: np.uint64(0x0101_0101_0101_0101),
+}
+_CHUNK_ROWS = 8192  # blocks of <= 8 pages per step (64 KiB of int64 row numbers)
+_CHUNK_BYTES = 1 << 16  # bitmap bytes per step for larger blocks
+_EXPAND_MAX_PAGES = 1 << 15
+_ROW_GATHER_MIN = 512  # blocks above this many pages are gathered as 2-D rows
+_ARANGE = np.arange(_ROW_GATHER_MIN >> 3)
