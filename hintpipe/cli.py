@@ -247,8 +247,14 @@ def cmd_host(args: argparse.Namespace) -> int:
         raise UsageError(f"listening on non-loopback {addr} requires --secret (or $HINTPIPE_SECRET)")
     if args.guests is not None and args.guests < 1:
         raise UsageError("--guests must be >= 1")
+    if args.out:
+        try:
+            open(args.out, "a").close()
+        except OSError as e:
+            raise UsageError(f"cannot write --out {args.out}: {e.strerror}") from None
     opts = HostOptions(address=addr, cfg=sim_config_from(args), guests=args.guests, json=args.json,
-                       out=args.out, secret=secret, handshake_timeout_s=args.handshake_timeout)
+                       out=args.out, secret=secret, handshake_timeout_s=args.handshake_timeout,
+                       barrier_timeout_s=args.guest_timeout)
     try:
         return trio.run(host_main, opts)
     except OSError as e:
@@ -274,6 +280,8 @@ def add_paired_parsers(sub) -> None:
     h.add_argument("--out", default=None, metavar="FILE", help="also append each report to FILE")
     h.add_argument("--secret", default=None, help="require guests to prove this secret (needed off loopback)")
     h.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S")
+    h.add_argument("--guest-timeout", type=float, default=30.0, metavar="S",
+                   help="fail a guest that does not answer a round barrier or pause within S seconds")
     add_guest_options(h)
     add_migration_options(h)
     h.set_defaults(func=cmd_host)

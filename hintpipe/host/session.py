@@ -48,7 +48,8 @@ class SessionStats:
 class HostSession:
     """Serve one guest over ``endpoint`` (``send_frame``, ``receive``, ``aclose``)."""
 
-    def __init__(self, endpoint, *, max_ranges: int = 4096, window: int | None = None) -> None:
+    def __init__(self, endpoint, *, max_ranges: int = 4096, window: int | None = None,
+                 first_cmd_id: int = CMD_ID_BASE) -> None:
         self.endpoint = endpoint
         self.conn = HostConnection()
         self.max_ranges = max_ranges
@@ -59,7 +60,7 @@ class HostSession:
         self.failure: str | None = None
         self.closed = trio.Event()
         self._round_end = trio.Event()
-        self._next_id = CMD_ID_BASE
+        self._next_id = first_cmd_id  # a host serving many connections keeps ids host-unique
         self._send_lock = trio.Lock()
         self.fault_handler = None  # async callable(Fault) for guests whose faults cross the link
 

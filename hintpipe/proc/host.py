@@ -1,0 +1,387 @@
+"""``hintpipe host``: accept guest processes and migrate each one, in real time.
+
+One task per connection, each with its own session, page state, shared-memory mapping and
+migration engine; nothing is shared between guests but the listener, so a slow, stuck or hostile
+guest only stalls its own task (handshakes have a timeout, barriers and pauses too). Per guest
+the host prints one report (the keys of ``hintpipe demo --json`` plus ``status``, ``reason``,
+``guest`` and ``transport``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import trio
+
+from hintpipe.channel.address import Address
+from hintpipe.channel.stream import AuthError, auth_server, open_listener, open_stream_endpoint, sendall
+from hintpipe.guest.workload import WorkloadStats
+from hintpipe.host.migration import MigrationEngine
+from hintpipe.host.pagestate import HostPageState
+from hintpipe.host.session import GuestGone, HostSession
+from hintpipe.proc.control import GuestLeft, GuestStuck, HostControl
+from hintpipe.proc.mirror import V1, RecordEndpoint, record
+from hintpipe.proc.region import RegionError, SharedRegion
+from hintpipe.protocol import ErrorCode, ProtocolError, encode
+from hintpipe.protocol.messages import CMD_ID_BASE, Error
+from hintpipe.sim import SimConfig, report
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """What ``hintpipe host`` needs."""
+
+    address: Address
+    cfg: SimConfig
+    guests: int | None = None
+    json: bool = False
+    out: str | None = None
+    secret: bytes | None = None
+    handshake_timeout_s: float = 10.0
+    barrier_timeout_s: float = 30.0
+
+
+@dataclass
+class _Lock:
+    """Guest-reported zone lock figures in the shape ``report`` expects from a ZoneLock."""
+
+    figures: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        keys = ("batches", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
+                "p99_alloc_wait_us", "max_alloc_wait_us")
+        return {k: _num(self.figures.get(k)) for k in keys}
+
+
+def _num(v):
+    """A JSON number from untrusted input, else 0."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+
+
+@dataclass
+class _Workload:
+    stats: WorkloadStats
+
+
+@dataclass
+class _Run:
+    """Duck-typed :class:`hintpipe.sim.SimRun` for :func:`hintpipe.sim.report`."""
+
+    result: object
+    state: HostPageState
+    session: HostSession
+    zone: _Lock
+    workload: _Workload
+    kicks: dict
+    wall_s: float
+    wp: dict = field(default_factory=dict)
+
+
+def _report_config(base: SimConfig, pages: int, guest_cfg: dict) -> SimConfig:
+    """The host's config with the guest's own geometry/workload/walker settings where sane."""
+    cfg = replace(base, pages=pages)
+    try:
+        kind = guest_cfg.get("workload")
+        wl = replace(cfg.workload, kind=kind if kind in ("idle", "churn") else cfg.workload.kind,
+                     seed=int(_num(guest_cfg.get("seed")) or cfg.workload.seed))
+        cfg = replace(cfg, workload=wl,
+                      batch=int(_num(guest_cfg.get("batch")) or cfg.batch),
+                      min_order=int(_num(guest_cfg.get("min_order")) or cfg.min_order),
+                      race_mode=guest_cfg.get("race_mode") if guest_cfg.get("race_mode") in ("detect", "isolate") else cfg.race_mode,
+                      queue_size=int(_num(guest_cfg.get("queue_size")) or cfg.queue_size),
+                      event_idx=bool(guest_cfg.get("event_idx", cfg.event_idx)))
+    except (ValueError, TypeError):
+        cfg = replace(base, pages=pages)
+    return cfg
+
+
+def _counters(obj) -> dict:
+    """Numeric counters from an untrusted dict (at most 32 keys)."""
+    if not isinstance(obj, dict):
+        return {}
+    return {k: _num(v) for k, v in list(obj.items())[:32] if isinstance(k, str)}
+
+
+def _notifications(ep, gstats: dict) -> dict:
+    """The report's ``notifications``: demo's keys for shm (guest->host kicks from the guest's
+    counters, interrupts and host->guest kicks from the host's), stream counters otherwise."""
+    host = ep.notify_stats() if hasattr(ep, "notify_stats") else {}
+    guest = _counters(gstats.get("notifications"))
+    out: dict = {}
+    if host:
+        out = {"kicks": guest.get("kicks", 0), "kicks_suppressed": guest.get("kicks_suppressed", 0),
+               "interrupts": host["interrupts"], "interrupts_suppressed": host["interrupts_suppressed"],
+               "host_to_guest_kicks": host["kicks"], "host_to_guest_kicks_suppressed": host["kicks_suppressed"],
+               "guest_interrupts": guest.get("interrupts", 0),
+               "guest_interrupts_suppressed": guest.get("interrupts_suppressed", 0),
+               "event_idx": bool(host.get("event_idx"))}
+    stream = getattr(ep, "stats", None)
+    if hasattr(stream, "as_dict"):
+        out["host_stream"] = stream.as_dict()
+        out["guest_stream"] = _counters(gstats.get("stream"))
+    return out
+
+
+class GuestServer:
+    """Serves guests on one listening address; ``reports`` collects one dict per guest."""
+
+    def __init__(self, opts: HostOptions) -> None:
+        self.opts = opts
+        self.reports: list[dict] = []
+        self.served = 0
+        self._ids = 0
+        self._all_done = trio.Event()
+
+    def emit(self, rep: dict) -> None:
+        """Print (and append to --out) one guest's report."""
+        if self.opts.json:
+            text = json.dumps(rep)
+        else:
+            from hintpipe.cli import format_summary
+
+            head = f"guest {rep['guest']['id']} {rep['guest']['name']!r} over {rep['transport']}: {rep['status']}"
+            if rep.get("reason"):
+                head += f" ({rep['reason']})"
+            text = head + "\n" + format_summary(rep)
+        print(text, flush=True)
+        if self.opts.out:
+            with open(self.opts.out, "a") as f:
+                f.write(text + "\n")
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled or ``guests`` guests are done."""
+        addr = self.opts.address
+        if addr.kind == "tcp" and not addr.is_loopback() and self.opts.secret is None:
+            raise ValueError(f"refusing to listen on non-loopback {addr} without --secret")
+        listener = await open_listener(addr)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(listener.getsockname())
+                nursery.start_soon(self._accept_loop, listener, nursery)
+                await self._all_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            listener.close()
+            if addr.kind in ("unix", "shm"):
+                try:
+                    os.unlink(addr.socket_path)
+                except FileNotFoundError:
+                    pass
+
+    async def _accept_loop(self, listener, nursery: trio.Nursery) -> None:
+        while True:
+            sock, _ = await listener.accept()
+            self._ids += 1
+            nursery.start_soon(self._connection, sock, self._ids)
+
+    async def _connection(self, sock, gid: int) -> None:
+        try:
+            await self._connection_inner(sock, gid)
+        except Exception as e:  # one guest's failure must never take the host (and the others) down
+            if os.environ.get("HINTPIPE_DEBUG"):
+                raise
+            print(f"hintpipe host: guest {gid}: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    async def _connection_inner(self, sock, gid: int) -> None:
+        kind = self.opts.address.kind
+        try:
+            if kind == "shm":
+                from hintpipe.channel.shm import ShmSetupError, open_shm_host
+
+                try:
+                    async with open_shm_host(sock, timeout_s=self.opts.handshake_timeout_s) as ep:
+                        await self._serve_guest(ep, gid, ep.take_fds)
+                except ShmSetupError as e:
+                    print(f"hintpipe host: guest {gid}: shm setup refused: {e}", file=sys.stderr, flush=True)
+                return
+            if kind == "tcp" and self.opts.secret is not None:
+                try:
+                    with trio.fail_after(self.opts.handshake_timeout_s):
+                        await auth_server(sock, self.opts.secret)
+                except (AuthError, trio.TooSlowError, OSError) as e:
+                    msg = str(e) or "authentication timed out"
+                    with trio.move_on_after(1):
+                        try:  # in a V1 record: the guest reads records whether or not it authenticated
+                            await sendall(sock, record(V1, encode(Error(int(ErrorCode.UNSUPPORTED), msg))))
+                            sock.shutdown(socket.SHUT_WR)
+                            while await sock.recv(65536):  # drain, so closing does not reset the
+                                pass  # connection before the guest has read the Error
+                        except OSError:
+                            pass
+                    print(f"hintpipe host: guest {gid}: {msg}", file=sys.stderr, flush=True)
+                    return
+            async with open_stream_endpoint(sock, collect_fds=kind == "unix") as ep:
+                if kind == "tcp":
+                    ep = RecordEndpoint(ep, role="host")
+                try:
+                    await self._serve_guest(ep, gid, ep.take_fds)
+                finally:
+                    if isinstance(ep, RecordEndpoint) and ep.region is not None:
+                        ep.region.close()  # a mirror made for a guest that was then refused
+        finally:
+            sock.close()
+
+    async def _serve_guest(self, ep, gid: int, take_fds) -> None:
+        opts = self.opts
+        # command ids are unique across this host's connections: a guest that reconnects never
+        # sees an id of its previous connection (blocks of 2**16 rounds per connection)
+        session = HostSession(ep, max_ranges=opts.cfg.max_ranges,
+                              first_cmd_id=CMD_ID_BASE + ((gid - 1) % 32768) * 65536)
+        regions: list[SharedRegion] = []
+
+        def make_state(hello):
+            if isinstance(ep, RecordEndpoint):  # tcp: the mirror the guest's records fill
+                if ep.region is None or ep.region.page_count != hello.page_count:
+                    raise RegionError("tcp guest did not announce its memory (INIT record) for Hello's page_count")
+                regions.append(ep.region)
+                return HostPageState(hello.page_count)
+            fds = take_fds()
+            for extra in fds[1:]:
+                os.close(extra)
+            if not fds:
+                raise RegionError(f"no guest memory received: guests must share their RAM memfd "
+                                  f"({'tcp cannot carry file descriptors; use unix: or shm:' if opts.address.kind == 'tcp' else 'SCM_RIGHTS with Hello'})")
+            try:
+                regions.append(SharedRegion.attach(fds[0], hello.page_count))
+            except BaseException:
+                os.close(fds[0])
+                raise
+            return HostPageState(hello.page_count)
+
+        async def refuse(code: ErrorCode, msg: str) -> None:
+            with trio.move_on_after(1):
+                try:
+                    await ep.send_frame(session.conn.error(code, msg))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            print(f"hintpipe host: guest {gid}: {msg}", file=sys.stderr, flush=True)
+
+        try:
+            with trio.fail_after(opts.handshake_timeout_s):
+                hello = await session.handshake(make_state)
+        except trio.TooSlowError:
+            await refuse(ErrorCode.UNEXPECTED_MESSAGE, "no Hello within the handshake timeout")
+            return
+        except ProtocolError as e:
+            await refuse(e.code, e.message)
+            return
+        except RegionError as e:
+            await refuse(ErrorCode.UNSUPPORTED, str(e))
+            return
+        except (GuestGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        region = regions[0]
+        print(f"hintpipe host: guest {gid} {hello.name!r} connected over {opts.address.kind} "
+              f"({hello.page_count} pages)", file=sys.stderr, flush=True)
+        try:
+            await self._migrate(ep, gid, session, hello, region)
+        finally:
+            region.close()
+
+    async def _migrate(self, ep, gid: int, session: HostSession, hello, region: SharedRegion) -> None:
+        opts = self.opts
+        state = session.state
+        control = HostControl(region, session.closed, timeout_s=opts.barrier_timeout_s)
+        fault_batches = 0
+
+        async def on_fault(ev) -> None:
+            nonlocal fault_batches
+            pfns = ev.pfns.astype(np.int64)
+            state.on_written(pfns)
+            region.protect[pfns] = 0  # after on_written: the guest writes only after FaultDone
+            fault_batches += 1
+            await session._send(session.conn.fault_done(ev.seq))
+
+        session.fault_handler = on_fault
+
+        async def start_round(index: int) -> None:
+            await control.barrier(state.begin_first_round if index == 0 else state.begin_round)
+
+        engine = MigrationEngine(
+            opts.cfg.migration, state,
+            read_source=lambda idx: region.versions[idx],
+            free_mask=lambda: region.free.copy(),
+            pause_guest=control.pause,
+            session=session,
+            start_round=start_round,
+        )
+        t0 = time.perf_counter()
+        status, reason, finished = "migrated", None, False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            engine_scope = trio.CancelScope()
+
+            async def watch() -> None:
+                await session.closed.wait()
+                if not finished:
+                    engine_scope.cancel()
+
+            nursery.start_soon(watch)
+            with engine_scope:
+                try:
+                    await engine.run()
+                    finished = True
+                except (GuestStuck, GuestLeft) as e:
+                    status, reason = "failed", str(e)
+            if engine_scope.cancelled_caught or not finished:
+                status = "failed"
+                reason = reason or f"guest left mid-migration: {session.failure or 'connection closed'}"
+            res = engine.result
+            if finished:
+                if not res.verified:
+                    status, reason = "failed", f"verification failed: {res.lost_pages} lost pages"
+                await session.finish(res.verified, {"lost_pages": res.lost_pages, "verified": res.verified,
+                                                    "pages_sent": res.pages_sent, "rounds": res.rounds})
+                with trio.move_on_after(2):
+                    await session.closed.wait()  # the guest leaves once it has read Done
+            finished = True
+            nursery.cancel_scope.cancel()
+        gstats = region.read_stats()
+        notif = _notifications(ep, gstats)
+        wl = gstats.get("workload") if isinstance(gstats.get("workload"), dict) else {}
+        wstats = WorkloadStats(**{f.name: int(_num(wl.get(f.name))) for f in fields(WorkloadStats)})
+        gcfg = gstats.get("config") if isinstance(gstats.get("config"), dict) else {}
+        cfg = _report_config(opts.cfg, hello.page_count, gcfg)
+        run = _Run(engine.result, state, session, _Lock(gstats.get("lock") if isinstance(gstats.get("lock"), dict) else {}),
+                   _Workload(wstats), notif, time.perf_counter() - t0)
+        backend = "mirrored" if isinstance(ep, RecordEndpoint) else "shared"
+        run.wp = {"backend": backend, "faults": state.faults, "fault_messages": fault_batches,
+                  "barriers": control.barriers}
+        rep = report(cfg, run, None)
+        rep["config"]["wp"] = backend
+        rep["status"] = status
+        rep["reason"] = reason
+        rep["transport"] = opts.address.kind
+        rep["guest"] = {"id": gid, "name": hello.name, "pages": hello.page_count}
+        self.reports.append(rep)
+        self.emit(rep)
+        self.served += 1
+        if opts.guests is not None and self.served >= opts.guests:
+            self._all_done.set()
+
+
+async def host_main(opts: HostOptions) -> int:
+    """Serve until ``guests`` are done or SIGINT/SIGTERM; exit status 0 unless a migration failed."""
+    server = GuestServer(opts)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            async def watch():
+                async for sig in signals:
+                    print(f"hintpipe host: {signal.Signals(sig).name}, shutting down", file=sys.stderr, flush=True)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def work():
+                await server.serve()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(work)
+    return 0 if all(r["status"] == "migrated" for r in server.reports) else 1
