@@ -49,6 +49,8 @@ _MAX_WINDOW = 1 << 16
 _SKIP = ISOLATED | REPORTED
 
 _EMPTY = (np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint8))
+# Per order, a row of that order to copy the batch's orders from (cheaper than np.full).
+_ORDER_FILL = np.repeat(np.arange(MAX_ORDER + 1, dtype=np.uint8)[:, None], 4096, axis=1)
 
 
 @dataclass
@@ -168,7 +170,8 @@ class FreeListWalker:
         for o in range(MAX_ORDER, self.min_order - 1, -1):
             sel = pfns[orders == o]
             if sel.size:
-                self._queues[o].append(sel)
+                # int64 (intp): the per-batch gathers then index without a cast
+                self._queues[o].append(sel.astype(np.int64))
         self.round += 1
         self.stats.rounds += 1
         self._active = True
@@ -190,12 +193,14 @@ class FreeListWalker:
     # ---------------------------------------------------------------- batches
     def _pull_log(self) -> None:
         """Move logged insertions into the per-order queues."""
+        if not self.alloc.has_pending_inserts:  # the common case: skip the empty-array copies
+            return
         p, o = self.alloc.drain_insert_log()
         if p.size == 0:
             return
         for order in np.unique(o).tolist():
             if order >= self.min_order:
-                self._queues[order].append(p[o == order])
+                self._queues[order].append(p[o == order].astype(np.int64))
 
     def _take(self, order: int, room: int) -> np.ndarray:
         """Up to ``room`` valid candidates of ``order`` (vectorised), as int64."""
@@ -215,13 +220,13 @@ class FreeListWalker:
             # sets); the same block in two arrays is caught by REPORTED,
             # which is set below before the next window is read.
             ok = (a.head[win] == order + 1) & ((a.meta[win] & _SKIP) == 0)
-            idx = np.flatnonzero(ok)
+            idx = ok.nonzero()[0]  # 1-D: flatnonzero without its Python wrapper
             if idx.size > room:
                 idx = idx[:room]
                 consumed = int(idx[-1]) + 1
             else:
                 consumed = win.size
-            sel = win[idx].astype(np.int64)
+            sel = win[idx]
             self._misses = 0 if sel.size else min(self._misses + 1, 30)
             if sel.size:
                 self._found += sel.size
@@ -240,7 +245,7 @@ class FreeListWalker:
                 break
         if not got:
             return np.empty(0, dtype=np.int64)
-        return np.concatenate(got)
+        return got[0] if len(got) == 1 else np.concatenate(got)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """Return up to ``batch`` free blocks (pfns uint64, orders uint8).
@@ -283,7 +288,10 @@ class FreeListWalker:
             sel = self._take(order, room)
             if sel.size:
                 parts_p.append(sel)
-                parts_o.append(np.full(sel.size, order, dtype=np.uint8))
+                if sel.size <= _ORDER_FILL.shape[1]:
+                    parts_o.append(_ORDER_FILL[order][: sel.size].copy())
+                else:
+                    parts_o.append(np.full(sel.size, order, dtype=np.uint8))
                 room -= sel.size
                 npages += sel.size << order
         if len(parts_p) == 1:
@@ -306,7 +314,8 @@ class FreeListWalker:
             self.alloc.disable_insert_log()
         dt = time.perf_counter() - t0
         self.stats._record(int(pfns.size), npages, dt, cut)
-        return pfns.astype(np.uint64), orders
+        # pfns are non-negative int64: a uint64 view, not a copy
+        return pfns.view(np.uint64), orders
 
     def release(self, pfns, orders) -> None:
         """Isolate mode: the host acked these blocks; put them back (merging).

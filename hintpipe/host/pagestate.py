@@ -164,13 +164,17 @@ class HostPageState:
         old = skip[rows]
         refused = 0
         if self.invalidate:
-            ok = ~wr[rows] & ones
-            refused = size * len(sel) - int(np.count_nonzero(ok.view(np.uint8)))
+            ok = wr[rows]
+            np.invert(ok, out=ok)
+            np.bitwise_and(ok, ones, out=ok)
+            refused = size * len(sel) - np.count_nonzero(ok.view(np.uint8))
         else:
             ok = np.full(old.shape, ones, dtype=dt)
-        marked = int(np.count_nonzero((ok & ~old).view(np.uint8)))
-        skip[rows] = old | ok
-        return marked, refused
+        # every byte is 0 or 1, so counting nonzero bytes counts pages; marked = set after - before
+        before = np.count_nonzero(old.view(np.uint8))
+        np.bitwise_or(ok, old, out=ok)
+        skip[rows] = ok
+        return int(np.count_nonzero(ok.view(np.uint8)) - before), int(refused)
 
     def _apply_pages(self, starts: np.ndarray, sizes: np.ndarray, total: int) -> tuple[int, int]:
         """Small unordered batches: expand the blocks to their pages and mark those."""

@@ -1,0 +1,464 @@
+"""Benchmark 4: end to end, guest process -> transport -> host process, walk (or batch) to bitmap.
+
+Two processes per transport (unix socketpair, tcp loopback). The guest process encodes Hints
+frames (hintpipe's codec) and writes them to the socket; the host process reads, splits and
+decodes frames (``FrameDecoder``), validates the ranges against the guest geometry
+(``validate_ranges``) and applies them to a ``HostPageState``: the host's whole receive path.
+The host times from its "go" byte to the decoded RoundEnd frame. Modes:
+
+* ``batches``: the benchmark-1 standard set (1.7 M blocks, 2**24 pages) pre-cut into frames of
+  4096 ranges (the protocol's maximum), encoded inside the timed loop;
+* ``walk``: a ``FreeListWalker`` over a fragmented guest (min_order 0, batch 4096) walks a whole
+  round inside the timed loop, so the walker's own speed is included;
+* ``raw``: baseline, the same bytes as ``batches`` moved over the same transport (sendall of
+  64 KiB pieces, recv_into a reused buffer, nothing decoded).
+
+This harness uses plain blocking sockets and hintpipe's sans-I/O codec directly; it does not go
+through ``hintpipe guest``/``hintpipe host`` (trio, real-time workload, write-protect barriers),
+whose per-frame costs come on top. A shared-memory transport was not in the tree when this was
+written: in its place, the in-process split-virtqueue link (``hintpipe.channel.inproc``) carries
+the same frames under trio, with and without EVENT_IDX, and its kicks per frame are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from common import BENCH_DIR, ROOT, rate, row, spread
+
+from hintpipe.protocol import FrameDecoder, Hints, RoundEnd, encode, validate_ranges
+
+CMD = 0x8000_0001
+GOAL = 20.0  # M ranges/s on unix
+FRAME_RANGES = 4096
+_LEN = struct.Struct("<Q")
+_CHUNK = 1 << 16
+
+
+# ------------------------------------------------------------------ guest side (child process)
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        d = sock.recv(n - len(buf))
+        if not d:
+            raise EOFError("peer closed")
+        buf += d
+    return bytes(buf)
+
+
+def _guest_rounds(mode: str, pages: int, n_blocks: int):
+    """What the guest sends per run: a callable returning an iterator of frames for one round
+    (the last one a RoundEnd), or for ``raw`` the one blob of the batches' bytes."""
+    if mode == "walk":
+        sys.path.insert(0, str(BENCH_DIR))
+        from walker_batch import fragment
+
+        from hintpipe.guest.walker import FreeListWalker
+
+        alloc = fragment(pages)
+        w = FreeListWalker(alloc, min_order=0, batch=FRAME_RANGES, time_budget_us=1e6)
+
+        def frames():
+            w.start_round()
+            n = 0
+            while True:
+                p, o = w.next_batch()
+                if p.size == 0:
+                    break
+                yield encode(Hints(CMD, np.stack([p, np.uint64(1) << o.astype(np.uint64)], 1)))
+                n += 1
+            yield encode(RoundEnd(CMD, n))
+
+        return frames
+    from b_apply import standard_set
+
+    ranges = standard_set(n_blocks, pages)
+    chunks = [np.ascontiguousarray(ranges[i:i + FRAME_RANGES]) for i in range(0, len(ranges), FRAME_RANGES)]
+    if mode == "batches":
+        def frames():
+            for c in chunks:
+                yield encode(Hints(CMD, c))
+            yield encode(RoundEnd(CMD, len(chunks)))
+
+        return frames
+    return b"".join(encode(Hints(CMD, c)) for c in chunks)
+
+
+def _guest_payloads(mode: str, pages: int, n_blocks: int):
+    """Socket guest: a callable that writes one round to the socket."""
+    made = _guest_rounds(mode, pages, n_blocks)
+    if mode != "raw":
+        def send_round(sock):
+            for f in made():
+                sock.sendall(f)
+
+        return send_round
+    blob = made
+    view = memoryview(blob)
+
+    def send_raw(sock):
+        sock.sendall(_LEN.pack(len(blob)))
+        for i in range(0, len(blob), _CHUNK):
+            sock.sendall(view[i:i + _CHUNK])
+
+    return send_raw
+
+
+def guest_main(spec: dict) -> None:
+    """Child process: connect, prepare, then send one round per 'G' byte until 'Q'."""
+    if spec["transport"] == "unix":
+        sock = socket.socket(fileno=spec["fd"])
+    else:
+        sock = socket.create_connection(("127.0.0.1", spec["port"]))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    send = _guest_payloads(spec["mode"], spec["pages"], spec["n_blocks"])
+    sock.sendall(b"R")
+    while True:
+        cmd = _recv_exact(sock, 1)
+        if cmd == b"Q":
+            break
+        send(sock)
+    sock.close()
+
+
+# ------------------------------------------------------------------ host side (this process)
+def _host_round(sock: socket.socket, dec: FrameDecoder, state, pages: int, buf: bytearray) -> tuple[int, int, int]:
+    """Receive one round of frames; return (ranges, bytes, frames)."""
+    mv = memoryview(buf)
+    ranges = nbytes = frames = 0
+    while True:
+        n = sock.recv_into(mv)
+        if n == 0:
+            raise EOFError("guest closed mid-round")
+        nbytes += n
+        dec.feed(mv[:n])
+        while (msg := dec.next_message()) is not None:
+            frames += 1
+            if type(msg) is Hints:
+                validate_ranges(msg.ranges, pages)
+                state.apply_hints(msg.ranges)
+                ranges += len(msg.ranges)
+            elif type(msg) is RoundEnd:
+                return ranges, nbytes, frames
+
+
+def _host_raw(sock: socket.socket, buf: bytearray) -> tuple[int, int, int]:
+    (total,) = _LEN.unpack(_recv_exact(sock, 8))
+    mv = memoryview(buf)
+    got = 0
+    while got < total:
+        n = sock.recv_into(mv, min(len(buf), total - got))
+        if n == 0:
+            raise EOFError("guest closed mid-round")
+        got += n
+    return 0, got + 8, 0
+
+
+def run_pair(transport: str, mode: str, *, pages: int, n_blocks: int, runs: int, warmup: int = 1) -> dict:
+    """One guest child over ``transport``; ``warmup`` + ``runs`` rounds; host-side timings."""
+    from hintpipe.host.pagestate import HostPageState
+
+    child_args = {"transport": transport, "mode": mode, "pages": pages, "n_blocks": n_blocks}
+    lst = None
+    if transport == "unix":
+        host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_args["fd"] = guest_sock.fileno()
+        pass_fds = (guest_sock.fileno(),)
+    else:
+        lst = socket.create_server(("127.0.0.1", 0))
+        child_args["port"] = lst.getsockname()[1]
+        pass_fds = ()
+    code = (f"import sys, json; sys.path.insert(0, {str(BENCH_DIR)!r}); import b_e2e; "
+            "b_e2e.guest_main(json.loads(sys.argv[1]))")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(child_args)], pass_fds=pass_fds,
+                             env=env, cwd=str(ROOT))
+    try:
+        if transport == "unix":
+            guest_sock.close()
+        else:
+            lst.settimeout(120)
+            host_sock, _ = lst.accept()
+            host_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host_sock.settimeout(300)
+        _recv_exact(host_sock, 1)  # guest ready (its setup is not timed)
+        state = HostPageState(pages)
+        state.begin_first_round()
+        buf = bytearray(1 << 20)
+        times, last = [], (0, 0, 0)
+        for i in range(warmup + runs):
+            state.skip[:] = False
+            dec = FrameDecoder()
+            t0 = time.perf_counter()
+            host_sock.sendall(b"G")
+            last = _host_raw(host_sock, buf) if mode == "raw" else _host_round(host_sock, dec, state, pages, buf)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
+        host_sock.sendall(b"Q")
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        host_sock.close()
+        if lst is not None:
+            lst.close()
+    t = {"median_s": float(np.median(times)), "min_s": min(times), "max_s": max(times), "runs": len(times)}
+    ranges, nbytes, frames = last
+    out = {**t, "ranges": ranges, "bytes": nbytes, "frames": frames, "gbytes_per_s": rate(nbytes, t, 1e9)}
+    if ranges:
+        out["mranges_per_s"] = rate(ranges, t)
+    return out
+
+
+# ------------------------------------------------------------------ shm (hintpipe.channel.shm)
+def guest_shm_main(spec: dict) -> None:
+    """Child process over the shm transport: set up the rings through the control socket, then
+    send one round per "G" frame from the host until "Q"; finally report its notify stats."""
+    import trio
+
+    from hintpipe.channel.shm import open_shm_guest
+
+    frames = _guest_rounds(spec["mode"], spec["pages"], spec["n_blocks"])
+
+    async def main():
+        control = trio.socket.from_stdlib_socket(socket.socket(fileno=spec["fd"]))
+        ram = os.memfd_create("bench-ram", os.MFD_CLOEXEC)
+        os.ftruncate(ram, 1 << 20)
+        async with open_shm_guest(control, [ram], size=spec["queue_size"], event_idx=spec["event_idx"]) as ep:
+            await ep.send_frame(b"R")
+            while True:
+                cmd = await ep.receive()
+                if cmd[:1] == b"Q" or not cmd:
+                    break
+                for f in frames():
+                    await ep.send_frame(f)
+            await ep.send_frame(b"S" + json.dumps(ep.notify_stats()).encode())
+            await ep.receive()  # the host's last word: close after it read the stats
+
+    trio.run(main)
+
+
+def run_shm(mode: str, *, pages: int, n_blocks: int, runs: int, event_idx: bool = True,
+            queue_size: int = 256, warmup: int = 1) -> dict:
+    """One guest child over the shm transport (rings in a sealed memfd, eventfd doorbells)."""
+    import trio
+
+    from hintpipe.channel.shm import open_shm_host
+    from hintpipe.host.pagestate import HostPageState
+
+    host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    spec = {"mode": mode, "pages": pages, "n_blocks": n_blocks, "fd": guest_sock.fileno(),
+            "event_idx": event_idx, "queue_size": queue_size}
+    code = (f"import sys, json; sys.path.insert(0, {str(BENCH_DIR)!r}); import b_e2e; "
+            "b_e2e.guest_shm_main(json.loads(sys.argv[1]))")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], pass_fds=(guest_sock.fileno(),),
+                             env=env, cwd=str(ROOT))
+    guest_sock.close()
+    state = HostPageState(pages)
+    state.begin_first_round()
+    times: list[float] = []
+    out: dict = {}
+
+    async def main():
+        control = trio.socket.from_stdlib_socket(host_sock)
+        async with open_shm_host(control, timeout_s=120) as ep:
+            for fd in ep.take_fds():
+                os.close(fd)
+            with trio.fail_after(300):
+                await ep.receive()  # "R": the guest finished its setup
+                last = (0, 0, 0)
+                for i in range(warmup + runs):
+                    state.skip[:] = False
+                    dec = FrameDecoder()
+                    t0 = time.perf_counter()
+                    await ep.send_frame(b"G")
+                    ranges = nbytes = frames = 0
+                    done = False
+                    while not done:
+                        data = await ep.receive()
+                        if not data:
+                            raise EOFError("guest closed mid-round")
+                        nbytes += len(data)
+                        dec.feed(data)
+                        while (msg := dec.next_message()) is not None:
+                            frames += 1
+                            if type(msg) is Hints:
+                                validate_ranges(msg.ranges, pages)
+                                state.apply_hints(msg.ranges)
+                                ranges += len(msg.ranges)
+                            elif type(msg) is RoundEnd:
+                                done = True
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t0)
+                    last = (ranges, nbytes, frames)
+                await ep.send_frame(b"Q")
+                stats = await ep.receive()
+                out["guest_notify"] = json.loads(stats[1:]) if stats[:1] == b"S" else {}
+                out["host_notify"] = ep.notify_stats()
+                await ep.send_frame(b"B")
+                out["last"] = last
+
+    try:
+        trio.run(main)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    t = {"median_s": float(np.median(times)), "min_s": min(times), "max_s": max(times), "runs": len(times)}
+    ranges, nbytes, frames = out.pop("last")
+    g = out.get("guest_notify", {})
+    hint_frames = (warmup + runs) * (frames - 1) or 1
+    return {**t, "ranges": ranges, "bytes": nbytes, "frames": frames, "event_idx": event_idx,
+            "gbytes_per_s": rate(nbytes, t, 1e9), "mranges_per_s": rate(ranges, t), **out,
+            "guest_kicks_per_hints_frame": g.get("kicks", 0) / hint_frames}
+
+
+# ------------------------------------------------------------------ in-process virtqueue link
+def inproc_link(n_blocks: int, pages: int, event_idx: bool, queue_size: int = 256, runs: int = 3) -> dict:
+    """The same frames over the in-process split-virtqueue link (trio), host decoding and applying.
+
+    Kicks per frame: guest->host doorbells after EVENT_IDX suppression (the host consumes
+    concurrently, so with EVENT_IDX a kick is only needed when the host had caught up).
+    """
+    import trio
+
+    from b_apply import standard_set
+    from hintpipe.channel.inproc import inproc_pair
+    from hintpipe.host.pagestate import HostPageState
+
+    ranges = standard_set(n_blocks, pages)
+    chunks = [np.ascontiguousarray(ranges[i:i + FRAME_RANGES]) for i in range(0, len(ranges), FRAME_RANGES)]
+    state = HostPageState(pages)
+    state.begin_first_round()
+    res = {}
+
+    async def one():
+        g, h = inproc_pair(queue_size, event_idx=event_idx)
+        got = [0]
+
+        async def host():
+            dec = FrameDecoder()
+            while True:
+                f = await h.receive()
+                if not f:
+                    return
+                dec.feed(f)
+                while (msg := dec.next_message()) is not None:
+                    if type(msg) is Hints:
+                        validate_ranges(msg.ranges, pages)
+                        state.apply_hints(msg.ranges)
+                        got[0] += len(msg.ranges)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as n:
+            n.start_soon(host)
+            for c in chunks:
+                await g.send_frame(encode(Hints(CMD, c)))
+            await g.aclose()
+        dt = time.perf_counter() - t0
+        st = g.tx_stats
+        res.update(kicks=st.kicks, kicks_suppressed=st.kicks_suppressed, frames=len(chunks), ranges=got[0])
+        return dt
+
+    times = []
+    for i in range(runs + 1):
+        state.skip[:] = False
+        dt = trio.run(one)
+        if i:
+            times.append(dt)
+    t = {"median_s": float(np.median(times)), "min_s": min(times), "max_s": max(times), "runs": len(times)}
+    return {**t, **res, "event_idx": event_idx, "queue_size": queue_size,
+            "kicks_per_frame": res["kicks"] / max(1, res["frames"]), "mranges_per_s": rate(res["ranges"], t)}
+
+
+def sim_notifications(pages: int) -> dict:
+    """Kicks per Hints batch in a whole simulated migration (batch 32), EVENT_IDX on and off."""
+    from hintpipe.guest.workload import WorkloadConfig
+    from hintpipe.sim import SimConfig, run_sim
+
+    out = {}
+    for ev in (True, False):
+        r = run_sim(SimConfig(pages=pages, workload=WorkloadConfig.idle(), event_idx=ev), baseline=False)
+        n = r["notifications"]
+        msgs = max(1, r["hints"]["messages"])
+        out["event_idx" if ev else "no_event_idx"] = {**n, "hints_messages": msgs,
+                                                      "kicks_per_batch": n["kicks"] / msgs}
+    return out
+
+
+def run(quick: bool = True, pages: int = 1 << 24, n_blocks: int = 1_700_000) -> dict:
+    """Every transport and mode, plus the in-process link; headline e2e_unix_mranges_per_s."""
+    runs = 3 if quick else 7
+    if quick:
+        n_blocks = min(n_blocks, 600_000)
+    out: dict = {"pages": pages, "blocks": n_blocks, "frame_ranges": FRAME_RANGES, "transports": {}}
+    rows = []
+    walk_pages = 1 << 19 if quick else 1 << 21
+    for tr in ("unix", "tcp"):
+        d = {}
+        for mode in ("batches", "raw", "walk"):
+            if mode == "walk" and quick and tr == "tcp":
+                continue
+            try:
+                d[mode] = run_pair(tr, mode, pages=walk_pages if mode == "walk" else pages,
+                                   n_blocks=n_blocks, runs=runs)
+            except Exception as e:  # a transport that fails here is reported, not fatal
+                d[mode] = {"error": f"{type(e).__name__}: {e}"}
+        out["transports"][tr] = d
+        b, r = d.get("batches", {}), d.get("raw", {})
+        if "mranges_per_s" in b:
+            raw_equiv = r["gbytes_per_s"]["median"] * 1e9 / (b["bytes"] / b["ranges"]) / 1e6 if "gbytes_per_s" in r else None
+            rows.append(row("e2e", f"{tr}: 4096-range frames -> bitmap", b["mranges_per_s"], "M ranges/s",
+                            baseline=(f"raw {tr} same bytes {r['gbytes_per_s']['median']:.2f} GB/s "
+                                      f"(= {raw_equiv:.0f} M ranges/s)") if raw_equiv else "",
+                            goal=f">= {GOAL:g}" if tr == "unix" else ""))
+            rows.append(row("e2e", f"{tr}: bytes/s", b["gbytes_per_s"], "GB/s"))
+        wk = d.get("walk", {})
+        if "mranges_per_s" in wk:
+            rows.append(row("e2e", f"{tr}: walker(batch 4096) -> bitmap", wk["mranges_per_s"], "M ranges/s",
+                            baseline=f"{wk['ranges']} blocks/round, {walk_pages >> 18} GiB guest"))
+    shm = {}
+    for ev in (True, False):
+        key = "event_idx" if ev else "no_event_idx"
+        try:
+            shm[key] = run_shm("batches", pages=pages, n_blocks=n_blocks, runs=runs, event_idx=ev)
+        except Exception as e:  # transport under construction elsewhere: report, do not fail
+            shm[key] = {"error": f"{type(e).__name__}: {e}"}
+    out["transports"]["shm"] = shm
+    s1, s0 = shm["event_idx"], shm["no_event_idx"]
+    if "mranges_per_s" in s1:
+        rows.append(row("e2e", "shm: 4096-range frames -> bitmap", s1["mranges_per_s"], "M ranges/s",
+                        baseline=(f"guest kicks/frame {s1['guest_kicks_per_hints_frame']:.2f} with EVENT_IDX, "
+                                  + (f"{s0['guest_kicks_per_hints_frame']:.2f} without" if "mranges_per_s" in s0 else "n/a without"))))
+    elif "error" in s1:
+        rows.append(row("e2e", "shm", None, "", baseline=s1["error"][:80]))
+    ub = out["transports"]["unix"].get("batches", {})
+    out["e2e_unix_mranges_per_s"] = ub.get("mranges_per_s", {}).get("median")
+    out["goal_met"] = bool(out["e2e_unix_mranges_per_s"] and out["e2e_unix_mranges_per_s"] >= GOAL)
+    link = {}
+    for ev in (True, False):
+        link["event_idx" if ev else "no_event_idx"] = inproc_link(n_blocks // 4, pages, ev, runs=2 if quick else 5)
+    out["inproc_link"] = link
+    e1, e0 = link["event_idx"], link["no_event_idx"]
+    rows.append(row("e2e", "in-process virtqueue link (trio) -> bitmap", e1["mranges_per_s"], "M ranges/s",
+                    baseline=f"kicks/frame {e1['kicks_per_frame']:.2f} with EVENT_IDX, {e0['kicks_per_frame']:.2f} without"))
+    sn = sim_notifications(1 << 20 if quick else 1 << 22)
+    out["sim_notifications"] = sn
+    rows.append(row("e2e", "sim migration b32: kicks per Hints batch", sn["event_idx"]["kicks_per_batch"], "kicks",
+                    baseline=f"without EVENT_IDX {sn['no_event_idx']['kicks_per_batch']:.2f}"))
+    out["rows"] = rows
+    return out

@@ -1,0 +1,75 @@
+"""Smoke test of the benchmark suite: tiny sizes, JSON shape only (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import b_apply  # noqa: E402
+import b_codec  # noqa: E402
+import common  # noqa: E402
+import run as bench_run  # noqa: E402
+
+
+def test_standard_set_is_aligned_disjoint_and_in_walker_order():
+    r = b_apply.standard_set(n=5000, pages=1 << 16, seed=3)
+    starts, sizes = r[:, 0].astype(np.int64), r[:, 1].astype(np.int64)
+    assert len(r) == 5000
+    assert np.all(sizes & (sizes - 1) == 0) and np.all(starts % sizes == 0)
+    cover = np.zeros(1 << 16, np.int64)
+    for s, n in zip(starts.tolist(), sizes.tolist()):
+        cover[s:s + n] += 1
+    assert cover.max() == 1  # disjoint
+    assert np.all(np.diff(sizes) <= 0)  # top order first
+
+
+def test_host_apply_small_run_has_the_documented_shape(tmp_path):
+    out = b_apply.run(quick=True, n_blocks=3000, pages=1 << 16)
+    rows = out.pop("rows")
+    assert rows and {"bench", "case", "median", "min", "max", "unit"} <= set(rows[0])
+    assert out["blocks"] == 3000
+    for key in ("bulk_walker_order", "bulk_shuffled", "baseline_python_loop", "baseline_numpy_expand"):
+        s = out[key]["mranges_per_s"]
+        assert s["min"] <= s["median"] <= s["max"] and s["runs"] >= 1
+    # the library and the pure-Python baseline mark the same pages
+    assert out["marked_pages"] + out["refused_pages"] == out["block_pages"]
+    p = tmp_path / "r.json"
+    common.write_json(p, {"benchmarks": {"apply": out}, "rows": rows})
+    back = json.loads(p.read_text())
+    assert back["benchmarks"]["apply"]["blocks"] == 3000
+    assert "last" not in back["benchmarks"]["apply"]["bulk_walker_order"]
+
+
+def test_codec_roundtrips_agree_and_table_formats():
+    out = b_codec.run(quick=True, sizes=(4,))
+    assert set(out["by_size"]["4"]) >= {"hintpipe", "msgpack_pairs", "json", "bytes"}
+    text = common.format_table(out["rows"])
+    assert "Hints x4" in text and text.count("\n") == 2
+
+
+def test_run_all_collects_headline_keys_and_failures(monkeypatch):
+    import types
+
+    fake = types.ModuleType("b_apply")
+    fake.run = lambda quick: {"bulk_walker_order": {"mranges_per_s": {"median": 1.5, "min": 1, "max": 2}},
+                              "goal_met": False, "rows": []}
+    broken = types.ModuleType("b_codec")
+
+    def boom(quick):
+        raise RuntimeError("nope")
+
+    broken.run = boom
+    monkeypatch.setitem(sys.modules, "b_apply", fake)
+    monkeypatch.setitem(sys.modules, "b_codec", broken)
+    res = bench_run.run_all(True, ["apply", "codec"], log=lambda *a, **k: None)
+    assert res["host_apply_mranges_per_s"] == 1.5
+    assert res["goals"] == {"apply": False}
+    assert "codec" in res["errors"] and res["table"][-1]["case"] == "FAILED"
+    for key in ("e2e_unix_mranges_per_s", "replay_mevents_per_s", "lock_hold_p99_us_batch32", "scale"):
+        assert key in res
