@@ -157,28 +157,7 @@ async def _migrate(cfg, hinting, alloc, memory, state, backend, read_source, des
         start_round=backend.start_round,
         dest=dest,
     )
-    guest_outcome: list[str] = []
-
-    async def run_producer():
-        try:
-            await producer.run()
-            guest_outcome.append("ok")
-        except MigrationFailed as e:  # the guest learns the verdict; the host's report has it too
-            guest_outcome.append(str(e))
-
-    async with trio.open_nursery() as nursery:
-        if hinting:
-            nursery.start_soon(run_producer)
-            await session.handshake(make_state)
-            nursery.start_soon(session.serve)
-        nursery.start_soon(workload.run)
-        result = await engine.run()
-        if session is not None:
-            await session.finish(result.verified, {"lost_pages": result.lost_pages})
-            with trio.move_on_after(1):
-                while not guest_outcome and session.failure is None:
-                    await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
+    result = await drive_migration(engine, workload.run, producer, session, make_state)
     kicks = {}
     if hinting:
         g, h = guest_end.tx_stats, host_end.tx_stats
@@ -194,14 +173,49 @@ async def _migrate(cfg, hinting, alloc, memory, state, backend, read_source, des
                   time.perf_counter() - t_wall, kicks, backend.stats())
 
 
+async def drive_migration(engine: MigrationEngine, vcpus, producer: Producer | None = None,
+                          session: HostSession | None = None, make_state=None) -> MigrationResult:
+    """Run ``engine`` while the guest's ``vcpus`` task (and, with hinting, its producer and the
+    host session) run beside it in one nursery; tell the guest the verdict; cancel the rest."""
+    guest_outcome: list[str] = []
+
+    async def run_producer():
+        try:
+            await producer.run()
+            guest_outcome.append("ok")
+        except MigrationFailed as e:  # the guest learns the verdict; the host's report has it too
+            guest_outcome.append(str(e))
+
+    async with trio.open_nursery() as nursery:
+        if producer is not None:
+            nursery.start_soon(run_producer)
+            await session.handshake(make_state)
+            nursery.start_soon(session.serve)
+        nursery.start_soon(vcpus)
+        result = await engine.run()
+        if session is not None:
+            await session.finish(result.verified, {"lost_pages": result.lost_pages})
+            with trio.move_on_after(1):
+                while not guest_outcome and session.failure is None:
+                    await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def migration_report(run: MigrationResult, baseline: MigrationResult | None) -> dict:
+    """``migration.*`` of a report: the hinted run's figures and its baseline's next to them."""
+    mig = run.as_dict()
+    mig["pages_sent_baseline"] = baseline.pages_sent if baseline else None
+    mig["time_s_baseline"] = round(baseline.time_s, 4) if baseline else None
+    mig["lost_pages_baseline"] = baseline.lost_pages if baseline else None
+    if baseline and baseline.pages_sent:
+        mig["pages_saved_pct"] = round(100 * (1 - run.pages_sent / baseline.pages_sent), 2)
+    return mig
+
+
 def report(cfg: SimConfig, run: SimRun, baseline: SimRun | None) -> dict:
     """The JSON object of ``hintpipe demo --json`` (keys documented in the README)."""
-    mig = run.result.as_dict()
-    mig["pages_sent_baseline"] = baseline.result.pages_sent if baseline else None
-    mig["time_s_baseline"] = round(baseline.result.time_s, 4) if baseline else None
-    mig["lost_pages_baseline"] = baseline.result.lost_pages if baseline else None
-    if baseline and baseline.result.pages_sent:
-        mig["pages_saved_pct"] = round(100 * (1 - run.result.pages_sent / baseline.result.pages_sent), 2)
+    mig = migration_report(run.result, baseline.result if baseline else None)
     st = run.state
     lock = run.zone.summary()
     ws = run.workload.stats

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import trio
-import trio.testing
 
 from hintpipe.cli import main
 from hintpipe.host.migration import MigrationConfig

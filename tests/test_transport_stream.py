@@ -15,7 +15,7 @@ from hintpipe.channel.address import AddressError, parse_address
 from hintpipe.channel.stream import AuthError, auth_client, auth_server, open_stream_endpoint
 from hintpipe.proc.mirror import FREE, INIT, WORD, MirroredRegion, RecordEndpoint, record
 from hintpipe.proc.region import OFF_BARRIER_ACK, OFF_BARRIER_REQ, RegionError, SharedRegion
-from hintpipe.protocol import ErrorCode, ProtocolError
+from hintpipe.protocol import Error, ErrorCode, ProtocolError
 
 
 def _pair():

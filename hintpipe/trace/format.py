@@ -6,7 +6,6 @@ a header, event batches of columnar little-endian arrays (msgpack bin), and an e
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 

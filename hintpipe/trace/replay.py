@@ -20,7 +20,7 @@ import trio.testing
 
 from hintpipe.channel.inproc import inproc_pair
 from hintpipe.guest.memory import GuestMemory
-from hintpipe.guest.producer import MigrationFailed, Producer
+from hintpipe.guest.producer import Producer
 from hintpipe.guest.walker import WalkerStats
 from hintpipe.guest.workload import PauseGate
 from hintpipe.guest.zonelock import ZoneLock
@@ -28,6 +28,7 @@ from hintpipe.host.migration import MigrationConfig, MigrationEngine, MigrationR
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
 from hintpipe.host.writeprotect import SimWriteProtect
+from hintpipe.sim import drive_migration, migration_report
 
 from .events import EventBatch
 from .model import ReplayModel
@@ -236,28 +237,7 @@ async def replay_migration(trace: Trace, events: EventBatch, cfg: ReplayConfig, 
         pause_guest=workload.gate.pause,
         session=session,
     )
-    outcome: list[str] = []
-
-    async def run_producer():
-        try:
-            await producer.run()
-            outcome.append("ok")
-        except MigrationFailed as e:
-            outcome.append(str(e))
-
-    async with trio.open_nursery() as nursery:
-        if hinting:
-            nursery.start_soon(run_producer)
-            await session.handshake(lambda hello: state)
-            nursery.start_soon(session.serve)
-        nursery.start_soon(workload.run)
-        result = await engine.run()
-        if session is not None:
-            await session.finish(result.verified, {"lost_pages": result.lost_pages})
-            with trio.move_on_after(1):
-                while not outcome and session.failure is None:
-                    await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
+    result = await drive_migration(engine, workload.run, producer, session, lambda hello: state)
     return ReplayRun(result, model, state, zone, session, walker, workload, time.perf_counter() - t_wall)
 
 
@@ -283,12 +263,7 @@ def replay(trace: Trace, cfg: ReplayConfig) -> dict:
     final_free = run.model.nr_free_pages
     ref_end = _buddyinfo_pages(trace.buddyinfo_end)
     elapsed = time.perf_counter() - t0
-    mig = run.result.as_dict()
-    mig["pages_sent_baseline"] = base.result.pages_sent if base else None
-    mig["time_s_baseline"] = round(base.result.time_s, 4) if base else None
-    mig["lost_pages_baseline"] = base.result.lost_pages if base else None
-    if base and base.result.pages_sent:
-        mig["pages_saved_pct"] = round(100 * (1 - run.result.pages_sent / base.result.pages_sent), 2)
+    mig = migration_report(run.result, base.result if base else None)
     st = run.state
     span = (int(events.ts_ns[-1]) - int(events.ts_ns[0])) / 1e9 if len(events) else 0.0
     return {
