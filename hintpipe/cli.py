@@ -103,8 +103,8 @@ def format_summary(rep: dict) -> str:
         f"hints             {h['messages']:>12,} messages, {h['ranges']:,} ranges, {h['pages']:,} pages"
         f" ({h['stale_messages']} stale dropped)",
         f"write faults      {rep['faults']:>12,}",
-        f"zone lock         max hold {lk['max_hold_us']} us (p99 {lk['p99_hold_us']} us), "
-        f"max allocation wait {lk['max_alloc_wait_us']} us",
+        f"zone lock         per batch max hold {lk['max_hold_us']} us (p99 {lk['p99_hold_us']} us, "
+        f"walk start {lk.get('max_round_start_hold_us', 0)} us), max allocation wait {lk['max_alloc_wait_us']} us",
         f"verification      {m['allocated_pages']:,} allocated pages checked, lost {m['lost_pages']}: "
         + ("VERIFIED" if m["verified"] else "LOSS DETECTED"),
     ]
@@ -219,10 +219,14 @@ def cmd_guest(args: argparse.Namespace) -> int:
 
     from hintpipe.proc.guest import GuestOptions, guest_main
 
-    opts = GuestOptions(address=_address_from(args.connect), cfg=sim_config_from(args), name=args.name,
-                        secret=_secret_from(args), connect_timeout_s=args.connect_timeout)
+    from hintpipe.host.uffd import UffdUnavailable
+
+    opts = GuestOptions(address=_address_from(args.connect), cfg=_paired_config(args, guest=True),
+                        name=args.name, secret=_secret_from(args), connect_timeout_s=args.connect_timeout)
     try:
         out = trio.run(guest_main, opts)
+    except UffdUnavailable as e:  # registering the guest's RAM failed: say what, never fall back
+        raise UsageError(e.reason) from None
     except Exception as e:  # a bug, not a user error: one line unless HINTPIPE_DEBUG is set
         if os.environ.get("HINTPIPE_DEBUG"):
             raise
@@ -252,13 +256,53 @@ def cmd_host(args: argparse.Namespace) -> int:
             open(args.out, "a").close()
         except OSError as e:
             raise UsageError(f"cannot write --out {args.out}: {e.strerror}") from None
-    opts = HostOptions(address=addr, cfg=sim_config_from(args), guests=args.guests, json=args.json,
+    opts = HostOptions(address=addr, cfg=_paired_config(args, guest=False), guests=args.guests, json=args.json,
                        out=args.out, secret=secret, handshake_timeout_s=args.handshake_timeout,
                        barrier_timeout_s=args.guest_timeout)
     try:
         return trio.run(host_main, opts)
     except OSError as e:
         raise UsageError(f"cannot listen on {addr}: {e.strerror or e}") from None
+
+
+def _paired_config(args: argparse.Namespace, *, guest: bool):
+    """The guest's or host's SimConfig with ``--memory``/``--wp`` checked (UsageError otherwise).
+
+    The guest resolves ``--wp`` (``auto``: the best backend its kernel offers; a backend named but
+    unavailable: one sentence, exit 2). The host probes a named real backend the same way but keeps
+    ``auto``, which accepts whatever the guest chose (protocols/wire-v1.md section 11.5).
+    """
+    from dataclasses import replace
+
+    from hintpipe.host.uffd import UffdUnavailable
+    from hintpipe.host.wp_backends import resolve_backend
+    from hintpipe.proc.realmode import TCP_REFUSAL
+
+    addr = _address_from(args.connect if guest else args.listen)
+    if args.memory == "real" and addr.kind == "tcp":
+        raise UsageError(TCP_REFUSAL)
+    try:
+        wp = resolve_backend(args.wp, args.memory) if guest or args.wp != "auto" else args.wp
+        return replace(sim_config_from(args), memory=args.memory, wp=wp)
+    except UffdUnavailable as e:
+        raise UsageError(e.reason) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def add_memory_options(p: argparse.ArgumentParser, *, host: bool) -> None:
+    """``--memory`` and ``--wp`` for paired processes."""
+    g = p.add_argument_group("memory")
+    g.add_argument("--memory", choices=("sim", "real"), default="sim",
+                   help="sim: page versions only (default); real: guest RAM is a memfd of --size shared "
+                        "with the host (unix: and shm: only), checked byte for byte")
+    g.add_argument("--wp", choices=("sim", "uffd", "uffd-async", "auto", "off"), default="auto",
+                   help=("write tracking the guest must use: auto (default) accepts the guest's choice, "
+                         "anything else must match it" if host else
+                         "write tracking: auto (default: best that works, uffd-async > uffd > sim; "
+                         "always sim with --memory sim), sim (faults over the link), uffd (sync "
+                         "userfaultfd, the host handles faults), uffd-async (WP_ASYNC + PAGEMAP_SCAN by "
+                         "the host), off (none: loses pages)"))
 
 
 def add_paired_parsers(sub) -> None:
@@ -271,6 +315,7 @@ def add_paired_parsers(sub) -> None:
     g.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     add_guest_options(g)
     add_migration_options(g)
+    add_memory_options(g, host=False)
     g.set_defaults(func=cmd_guest)
 
     h = sub.add_parser("host", help="accept guest processes and migrate each (one report per guest)")
@@ -284,6 +329,7 @@ def add_paired_parsers(sub) -> None:
                    help="fail a guest that does not answer a round barrier or pause within S seconds")
     add_guest_options(h)
     add_migration_options(h)
+    add_memory_options(h, host=True)
     h.set_defaults(func=cmd_host)
 
 
@@ -367,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hintpipe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hintpipe ... | head`: the reader left, nothing more to say
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

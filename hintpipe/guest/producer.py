@@ -200,7 +200,7 @@ class Producer:
             self._walk_id = cmd_id
             self._walk_batches = 0
             task_status.started()
-            async with self.zone.walker():
+            async with self.zone.walker(round_start=True):
                 self.walker.start_round()
             while True:
                 while self.conn.credits_available <= 0:

@@ -36,16 +36,19 @@ class ZoneLock:
         self._lock = trio.Lock()
         self.charge_holds = charge_holds
         self.walker_holds: list[float] = []
+        self.round_start_holds: list[float] = []
         self.alloc_waits: list[float] = []
 
     @asynccontextmanager
-    async def walker(self) -> AsyncIterator[list[float]]:
-        """Hold the lock for one walker batch; the body's wall time is recorded and charged."""
+    async def walker(self, *, round_start: bool = False) -> AsyncIterator[None]:
+        """Hold the lock for one walker batch (or a walk's start); the body's wall time is
+        recorded and charged. Starts are kept apart: they are not batches, and their cost grows
+        with the number of free blocks rather than with the batch size."""
         async with self._lock:
             t0 = time.perf_counter()
-            yield self.walker_holds
+            yield
             hold = time.perf_counter() - t0
-            self.walker_holds.append(hold)
+            (self.round_start_holds if round_start else self.walker_holds).append(hold)
             if self.charge_holds:
                 await trio.sleep(hold)
 
@@ -66,6 +69,7 @@ class ZoneLock:
             "p50_hold_us": hold["p50_us"],
             "p99_hold_us": hold["p99_us"],
             "max_hold_us": hold["max_us"],
+            "max_round_start_hold_us": percentiles_us(self.round_start_holds)["max_us"],
             "alloc_sections": wait["count"],
             "p99_alloc_wait_us": wait["p99_us"],
             "max_alloc_wait_us": wait["max_us"],
