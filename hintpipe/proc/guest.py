@@ -25,6 +25,7 @@ from hintpipe.guest.workload import Workload
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.proc.control import SharedWriteProtect, guest_control_loop
 from hintpipe.proc.mirror import MirroredRegion, RecordEndpoint
+from hintpipe.proc.realmode import TCP_REFUSAL, GuestRealRam, KernelTracked, send_handoff
 from hintpipe.proc.region import SharedRegion
 from hintpipe.sim import SimConfig
 
@@ -56,10 +57,18 @@ def guest_config_dict(cfg: SimConfig) -> dict:
             "event_idx": cfg.event_idx}
 
 
-async def _open_endpoint(stack: AsyncExitStack, opts: GuestOptions, region: SharedRegion):
+async def _open_endpoint(stack: AsyncExitStack, opts: GuestOptions, region: SharedRegion,
+                         real: GuestRealRam | None = None):
     addr = opts.address
     with trio.fail_after(opts.connect_timeout_s):
         sock = await connect(addr)
+    if real is not None:  # first on the socket, before Hello / the shm setup (wire-v1 11.7)
+        try:
+            await send_handoff(sock, real)
+        except BaseException:
+            sock.close()
+            raise
+        real.release_uffd()  # the host holds the registration now
     if addr.kind == "shm":
         from hintpipe.channel.shm import open_shm_guest
 
@@ -96,16 +105,26 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
     """Boot, connect, serve the host until Done (or failure); never raises for expected failures."""
     cfg = opts.cfg
     n = cfg.pages
+    real = None
+    if cfg.memory == "real" and opts.address.kind == "tcp":
+        return GuestOutcome(False, TCP_REFUSAL)
     if opts.address.kind == "tcp":  # no fd passing: a local region mirrored to the host
         region = MirroredRegion(n, role="guest", send=lambda data: None)
     else:
         region = SharedRegion.create(n)
     try:
+        if cfg.memory == "real":  # resolves --wp; UffdUnavailable propagates (CLI: exit 2)
+            real = GuestRealRam(n, cfg.wp)
         alloc = BuddyAllocator(n)
         region.free[:] = alloc.free_mask
         alloc.free_mask = region.free  # the allocator now keeps its free mask in shared memory
-        memory = GuestMemory(n)
-        memory.versions = region.versions
+        if real is not None:  # page bytes in the RAM memfd; versions stay private (the host reads bytes)
+            from hintpipe.realmem import RealGuestMemory
+
+            memory = RealGuestMemory(real.ram)
+        else:
+            memory = GuestMemory(n)
+            memory.versions = region.versions
         zone = ZoneLock(charge_holds=cfg.charge_holds)
         workload = Workload(cfg.workload, alloc, memory, zone)
         await workload.boot()  # nothing is protected yet: boot writes fault nothing
@@ -113,11 +132,17 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
                                 time_budget_us=cfg.time_budget_us, isolate=cfg.race_mode == "isolate")
         async with AsyncExitStack() as stack:
             try:
-                endpoint = await _open_endpoint(stack, opts, region)
+                endpoint = await _open_endpoint(stack, opts, region, real)
             except (OSError, trio.TooSlowError) as e:
                 return GuestOutcome(False, f"cannot connect to {opts.address}: {e or 'timed out'}")
             producer = Producer(endpoint, walker, zone, n, window=cfg.queue_size, name=opts.name)
-            tracker = SharedWriteProtect(region, producer.fault)
+            # sim: faults over the link (protect bytes); uffd/uffd-async: the kernel faults the
+            # store itself; off: nothing tracks writes (the oracle must then find lost pages)
+            real_wp = real.backend if real is not None else cfg.wp
+            if real_wp in ("uffd", "uffd-async", "off"):
+                tracker = KernelTracked()
+            else:
+                tracker = SharedWriteProtect(region, producer.fault)
             memory.tracker = tracker
 
             def stats() -> dict:
@@ -152,6 +177,8 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
             return outcome
     finally:
         region.close()
+        if real is not None:
+            real.close()
 
 
 async def guest_main(opts: GuestOptions) -> GuestOutcome:

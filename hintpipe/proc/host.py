@@ -28,6 +28,9 @@ from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import GuestGone, HostSession
 from hintpipe.proc.control import GuestLeft, GuestStuck, HostControl
 from hintpipe.proc.mirror import V1, RecordEndpoint, record
+from hintpipe.proc.realmode import (
+    TCP_REFUSAL, HostRealMemory, ReceivedRam, RealMemoryError, check_backend, receive_handoff,
+)
 from hintpipe.proc.region import RegionError, SharedRegion
 from hintpipe.protocol import ErrorCode, ProtocolError, encode
 from hintpipe.protocol.messages import CMD_ID_BASE, Error
@@ -191,13 +194,27 @@ class GuestServer:
 
     async def _connection_inner(self, sock, gid: int) -> None:
         kind = self.opts.address.kind
+        rx: ReceivedRam | None = None
         try:
+            if self.opts.cfg.memory == "real":
+                # real memory: the guest's RAM handoff is the first message on the socket
+                # (before Hello on unix, before the shm setup on shm's control socket)
+                try:
+                    if kind == "tcp":
+                        raise RealMemoryError(TCP_REFUSAL)
+                    rx = await receive_handoff(sock, self.opts.handshake_timeout_s)
+                    check_backend(self.opts.cfg.wp, rx.info.backend)
+                except RealMemoryError as e:
+                    if rx is not None:
+                        rx.close()
+                    await self._refuse_raw(sock, gid, str(e), frame=kind == "unix")
+                    return
             if kind == "shm":
                 from hintpipe.channel.shm import ShmSetupError, open_shm_host
 
                 try:
                     async with open_shm_host(sock, timeout_s=self.opts.handshake_timeout_s) as ep:
-                        await self._serve_guest(ep, gid, ep.take_fds)
+                        await self._serve_guest(ep, gid, ep.take_fds, rx)
                 except ShmSetupError as e:
                     print(f"hintpipe host: guest {gid}: shm setup refused: {e}", file=sys.stderr, flush=True)
                 return
@@ -221,14 +238,30 @@ class GuestServer:
                 if kind == "tcp":
                     ep = RecordEndpoint(ep, role="host")
                 try:
-                    await self._serve_guest(ep, gid, ep.take_fds)
+                    await self._serve_guest(ep, gid, ep.take_fds, rx)
                 finally:
                     if isinstance(ep, RecordEndpoint) and ep.region is not None:
                         ep.region.close()  # a mirror made for a guest that was then refused
         finally:
+            if rx is not None:
+                rx.close()
             sock.close()
 
-    async def _serve_guest(self, ep, gid: int, take_fds) -> None:
+    async def _refuse_raw(self, sock, gid: int, msg: str, *, frame: bool) -> None:
+        """Refuse a guest before any transport is open: an Error frame (unix) and a clean close."""
+        print(f"hintpipe host: guest {gid}: {msg}", file=sys.stderr, flush=True)
+        if not frame:
+            return
+        with trio.move_on_after(1):
+            try:
+                await sendall(sock, encode(Error(int(ErrorCode.UNSUPPORTED), msg)))
+                sock.shutdown(socket.SHUT_WR)
+                while await sock.recv(65536):  # drain, so closing does not reset the connection
+                    pass  # before the guest has read the Error
+            except OSError:
+                pass
+
+    async def _serve_guest(self, ep, gid: int, take_fds, rx: ReceivedRam | None = None) -> None:
         opts = self.opts
         # command ids are unique across this host's connections: a guest that reconnects never
         # sees an id of its previous connection (blocks of 2**16 rounds per connection)
@@ -253,6 +286,8 @@ class GuestServer:
             except BaseException:
                 os.close(fds[0])
                 raise
+            if rx is not None and rx.info.page_count != hello.page_count:
+                raise RegionError(f"the RAM handoff says {rx.info.page_count} pages, Hello says {hello.page_count}")
             return HostPageState(hello.page_count)
 
         async def refuse(code: ErrorCode, msg: str) -> None:
@@ -280,12 +315,22 @@ class GuestServer:
         region = regions[0]
         print(f"hintpipe host: guest {gid} {hello.name!r} connected over {opts.address.kind} "
               f"({hello.page_count} pages)", file=sys.stderr, flush=True)
+        real = None
         try:
-            await self._migrate(ep, gid, session, hello, region)
+            if rx is not None:
+                try:
+                    real = HostRealMemory(rx, session.state)
+                except (RealMemoryError, ValueError, OSError) as e:
+                    await refuse(ErrorCode.UNSUPPORTED, f"guest RAM unusable: {e}")
+                    return
+            await self._migrate(ep, gid, session, hello, region, real)
         finally:
+            if real is not None:
+                real.close()  # sync uffd: lifts all protection, so no guest writer stays blocked
             region.close()
 
-    async def _migrate(self, ep, gid: int, session: HostSession, hello, region: SharedRegion) -> None:
+    async def _migrate(self, ep, gid: int, session: HostSession, hello, region: SharedRegion,
+                       real: HostRealMemory | None = None) -> None:
         opts = self.opts
         state = session.state
         control = HostControl(region, session.closed, timeout_s=opts.barrier_timeout_s)
@@ -304,13 +349,17 @@ class GuestServer:
         async def start_round(index: int) -> None:
             await control.barrier(state.begin_first_round if index == 0 else state.begin_round)
 
+        kernel_wp = real is not None and real.backend is not None
         engine = MigrationEngine(
             opts.cfg.migration, state,
-            read_source=lambda idx: region.versions[idx],
+            read_source=real.read_source if real is not None else lambda idx: region.versions[idx],
             free_mask=lambda: region.free.copy(),
             pause_guest=control.pause,
             session=session,
-            start_round=start_round,
+            # uffd/uffd-async/off: no barrier, the kernel's protection needs none (HostRealMemory)
+            start_round=real.start_round if kernel_wp else start_round,
+            before_chunk=real.before_chunk if kernel_wp else None,
+            dest=real.dest if real is not None else None,
         )
         t0 = time.perf_counter()
         status, reason, finished = "migrated", None, False
@@ -328,12 +377,14 @@ class GuestServer:
                 try:
                     await engine.run()
                     finished = True
-                except (GuestStuck, GuestLeft) as e:
+                except (GuestStuck, GuestLeft, RealMemoryError) as e:
                     status, reason = "failed", str(e)
             if engine_scope.cancelled_caught or not finished:
                 status = "failed"
                 reason = reason or f"guest left mid-migration: {session.failure or 'connection closed'}"
             res = engine.result
+            if kernel_wp:
+                wp_stats = real.stop()  # before releasing the guest: no writer left blocked
             if finished:
                 if not res.verified:
                     status, reason = "failed", f"verification failed: {res.lost_pages} lost pages"
@@ -354,6 +405,9 @@ class GuestServer:
         backend = "mirrored" if isinstance(ep, RecordEndpoint) else "shared"
         run.wp = {"backend": backend, "faults": state.faults, "fault_messages": fault_batches,
                   "barriers": control.barriers}
+        if real is not None:
+            backend = real.name
+            run.wp = {**run.wp, "backend": backend, **(wp_stats if kernel_wp else {})}
         rep = report(cfg, run, None)
         rep["config"]["wp"] = backend
         rep["status"] = status
