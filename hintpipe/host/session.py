@@ -22,6 +22,7 @@ from hintpipe.protocol import (
     Hello,
     HostConnection,
     Hints,
+    LocalProtocolError,
     ProtocolError,
     RoundEnd,
     StaleHints,
@@ -49,8 +50,9 @@ class HostSession:
     """Serve one guest over ``endpoint`` (``send_frame``, ``receive``, ``aclose``)."""
 
     def __init__(self, endpoint, *, max_ranges: int = 4096, window: int | None = None,
-                 first_cmd_id: int = CMD_ID_BASE) -> None:
+                 first_cmd_id: int = CMD_ID_BASE, send_timeout_s: float = 10.0) -> None:
         self.endpoint = endpoint
+        self.send_timeout_s = send_timeout_s
         self.conn = HostConnection()
         self.max_ranges = max_ranges
         self.window = window
@@ -65,8 +67,19 @@ class HostSession:
         self.fault_handler = None  # async callable(Fault) for guests whose faults cross the link
 
     async def _send(self, frame: bytes) -> None:
-        async with self._send_lock:
-            await self.endpoint.send_frame(frame)
+        """Send one frame; a guest that leaves it unread for ``send_timeout_s`` is dropped.
+
+        Without the bound a guest that stops reading would hold this session's tasks (and the
+        migration waiting on them) forever once the transport's buffers fill.
+        """
+        with trio.move_on_after(self.send_timeout_s) as cs:
+            async with self._send_lock:
+                await self.endpoint.send_frame(frame)
+        if cs.cancelled_caught:
+            self.failure = self.failure or f"guest stopped reading (a send waited {self.send_timeout_s} s)"
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.endpoint.aclose()
+            raise trio.BrokenResourceError(self.failure)
 
     async def handshake(self, make_state=None) -> Hello:
         """Wait for the guest's ``Hello``, create its page state, answer ``Welcome``."""
@@ -142,14 +155,30 @@ class HostSession:
         cmd_id = self._next_id
         self._next_id += 1
         self._round_end = trio.Event()
-        await self._send(self.conn.start_round(cmd_id))
+        try:
+            frame = self.conn.start_round(cmd_id)
+        except LocalProtocolError as e:
+            # e.g. the guest withheld RoundEnd for MAX_OPEN_ROUNDS rounds: close it with an error
+            # (hints are only an optimisation; the migration goes on without them)
+            self.failure = self.failure or f"guest broke the round protocol: {e}"
+            with trio.move_on_after(1):
+                try:
+                    await self._send(self.conn.error(ErrorCode.UNEXPECTED_MESSAGE, str(e)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+                    pass
+            raise trio.BrokenResourceError(self.failure) from None
+        await self._send(frame)
         return cmd_id
 
     async def stop_round(self, *, wait_s: float = 0.5) -> bool:
         """Stop hinting now (later hints are stale); wait briefly for ``RoundEnd``."""
         if self.conn.current_cmd_id is None:
             return True  # the guest already ended its walk
-        await self._send(self.conn.stop_round())
+        try:
+            frame = self.conn.stop_round()
+        except LocalProtocolError:
+            return False  # the connection already failed; serve() has the reason
+        await self._send(frame)
         with trio.move_on_after(wait_s):
             await self._round_end.wait()
             return True
@@ -160,5 +189,5 @@ class HostSession:
         try:
             with trio.move_on_after(1):
                 await self._send(self.conn.done(ok, summary))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+            pass  # gone, or the connection already failed: the host's report has the verdict
