@@ -258,7 +258,7 @@ def cmd_host(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot write --out {args.out}: {e.strerror}") from None
     opts = HostOptions(address=addr, cfg=_paired_config(args, guest=False), guests=args.guests, json=args.json,
                        out=args.out, secret=secret, handshake_timeout_s=args.handshake_timeout,
-                       barrier_timeout_s=args.guest_timeout)
+                       barrier_timeout_s=args.guest_timeout, max_guest_pages=args.max_guest_pages)
     try:
         return trio.run(host_main, opts)
     except OSError as e:
@@ -325,6 +325,8 @@ def add_paired_parsers(sub) -> None:
     h.add_argument("--out", default=None, metavar="FILE", help="also append each report to FILE")
     h.add_argument("--secret", default=None, help="require guests to prove this secret (needed off loopback)")
     h.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S")
+    h.add_argument("--max-guest-pages", type=int, default=1 << 26, metavar="N",
+                   help="refuse guests larger than N pages (default 2^26 = 256 GiB): a Hello is untrusted")
     h.add_argument("--guest-timeout", type=float, default=30.0, metavar="S",
                    help="fail a guest that does not answer a round barrier or pause within S seconds")
     add_guest_options(h)

@@ -181,7 +181,7 @@ def _host_opts(addr: str):
     return HostOptions(address=parse_address(addr), cfg=SimConfig(pages=2048), json=True, handshake_timeout_s=5)
 
 
-async def _error_after_hello(addr: str, tmp_path, fds=(), wrap=lambda b: b) -> "Error":
+async def _error_after_hello(addr: str, tmp_path, fds=(), wrap=lambda b: b, pages=2048) -> "Error":
     from hintpipe.protocol import FrameDecoder, GuestConnection
     from hintpipe.proc.host import GuestServer
     from hintpipe.channel.address import parse_address
@@ -192,7 +192,7 @@ async def _error_after_hello(addr: str, tmp_path, fds=(), wrap=lambda b: b) -> "
         await n.start(server.serve)
         sock = await connect(parse_address(addr))
         with sock:
-            hello = wrap(GuestConnection().hello(2048, window=4, name="t"))
+            hello = wrap(GuestConnection().hello(pages, window=4, name="t"))
             if fds:
                 await sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, __import__("array").array("i", fds))])
             else:
@@ -214,6 +214,13 @@ async def test_unix_hello_without_memfd_is_refused(tmp_path):
     assert err.code == ErrorCode.UNSUPPORTED and "memfd" in err.message
     assert server.served == 0  # a refused connection is not a served guest
     assert not os.path.exists(f"{tmp_path}/h.sock")
+
+
+async def test_oversized_guest_is_refused_before_anything_is_allocated(tmp_path):
+    # 2**33 pages would make the host touch >= 8 GiB of page state: refused by the size cap
+    err, server = await _error_after_hello(f"unix:{tmp_path}/h.sock", tmp_path, pages=1 << 33)
+    assert err.code == ErrorCode.UNSUPPORTED and "exceeds this host's limit" in err.message
+    assert server.served == 0
 
 
 async def test_unix_hello_with_a_pipe_instead_of_a_memfd_is_refused(tmp_path):

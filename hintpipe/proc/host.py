@@ -49,6 +49,9 @@ class HostOptions:
     secret: bytes | None = None
     handshake_timeout_s: float = 10.0
     barrier_timeout_s: float = 30.0
+    # the host allocates a few bytes per guest page (and 4 KiB per page with real memory): a
+    # Hello is untrusted, so its page_count is capped before anything is mapped or allocated
+    max_guest_pages: int = 1 << 26
 
 
 @dataclass
@@ -270,6 +273,9 @@ class GuestServer:
         regions: list[SharedRegion] = []
 
         def make_state(hello):
+            if hello.page_count > opts.max_guest_pages:
+                raise RegionError(f"a guest of {hello.page_count} pages exceeds this host's limit of "
+                                  f"{opts.max_guest_pages} pages (--max-guest-pages)")
             if isinstance(ep, RecordEndpoint):  # tcp: the mirror the guest's records fill
                 if ep.region is None or ep.region.page_count != hello.page_count:
                     raise RegionError("tcp guest did not announce its memory (INIT record) for Hello's page_count")
