@@ -103,7 +103,7 @@ def format_summary(rep: dict) -> str:
         f"hints             {h['messages']:>12,} messages, {h['ranges']:,} ranges, {h['pages']:,} pages"
         f" ({h['stale_messages']} stale dropped)",
         f"write faults      {rep['faults']:>12,}",
-        f"zone lock         per batch max hold {lk['max_hold_us']} us (p99 {lk['p99_hold_us']} us, "
+        f"zone lock         max hold {lk['max_hold_us']} us (per batch p99 {lk['p99_hold_us']} us, "
         f"walk start {lk.get('max_round_start_hold_us', 0)} us), max allocation wait {lk['max_alloc_wait_us']} us",
         f"verification      {m['allocated_pages']:,} allocated pages checked, lost {m['lost_pages']}: "
         + ("VERIFIED" if m["verified"] else "LOSS DETECTED"),

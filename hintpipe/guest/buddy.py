@@ -347,6 +347,13 @@ class BuddyAllocator:
             return _EMPTY_PFNS.copy(), _EMPTY_ORDERS.copy()
         return np.concatenate(pfn_parts), np.concatenate(ord_parts)
 
+    def listed_blocks(self, order: int) -> np.ndarray:
+        """Heads of every listed free block of ``order`` (all migratetypes), int64, O(blocks)."""
+        parts = [np.fromiter(d, dtype=np.int64, count=len(d)) for d in self._lists[order] if d]
+        if not parts:
+            return np.empty(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def is_free_head(self, pfns, orders) -> np.ndarray:
         """Vectorised: is each pfn a listed (non-isolated) free head of that order?"""
         pfns = np.asarray(pfns, dtype=np.int64)

@@ -132,6 +132,7 @@ class FreeListWalker:
         self._found = 0  # blocks found so far in the current batch
         self._misses = 0  # consecutive windows without a valid candidate
         # isolate mode: blocks in flight {pfn: (order, round)}
+        self._start_orders: list[int] = []  # orders whose start step is still due
         self._inflight: dict[int, tuple[int, int]] = {}
 
     # ----------------------------------------------------------------- rounds
@@ -151,30 +152,34 @@ class FreeListWalker:
         return len(self._inflight)
 
     def start_round(self) -> None:
-        """Begin a new walk (a new host command id).
+        """Begin a new walk (a new host command id). Call with the zone lock held.
 
-        Clears REPORTED, snapshots the free blocks of order >= min_order
-        (top order first, every migratetype) and turns on the allocator's
-        insert log so blocks freed or merged during the walk are visited.
-        Call with the zone lock held; the hold is O(free blocks of order >=
-        min_order) (about 20 ms for 157k blocks, a 2**28-page guest 40%
-        allocated). Any previous round is abandoned.
+        Turns on the allocator's insert log (so blocks freed or merged during
+        the walk are visited) and schedules one *start step* per order, top
+        order first: clear REPORTED on that order's listed blocks and snapshot
+        them. The steps run inside the following :meth:`next_batch` calls,
+        under the time budget (at least one step per call), so no single lock
+        hold pays for every free block; a step costs O(listed blocks of its
+        order). No block is reported before every step is done, so clearing
+        REPORTED can never erase a mark of this round. Any previous round is
+        abandoned.
         """
-        a = self.alloc
-        a.clear_reported(self.min_order)
-        a.enable_insert_log(self.min_order)
+        self.alloc.enable_insert_log(self.min_order)
         for q in self._queues:
             q.clear()
         self._pos = [0] * NR_ORDERS
-        pfns, orders = a.free_blocks(self.min_order)
-        for o in range(MAX_ORDER, self.min_order - 1, -1):
-            sel = pfns[orders == o]
-            if sel.size:
-                # int64 (intp): the per-batch gathers then index without a cast
-                self._queues[o].append(sel.astype(np.int64))
+        self._start_orders = list(range(MAX_ORDER, self.min_order - 1, -1))
         self.round += 1
         self.stats.rounds += 1
         self._active = True
+
+    def _start_step(self) -> None:
+        """One order's share of starting a walk (see :meth:`start_round`)."""
+        order = self._start_orders.pop(0)
+        listed = self.alloc.listed_blocks(order)
+        if listed.size:
+            self.alloc.meta[listed] &= ~np.uint8(REPORTED)
+            self._queues[order].append(listed)
 
     def stop(self) -> None:
         """Abandon the walk (host StopRound); the next next_batch() is empty.
@@ -185,6 +190,7 @@ class FreeListWalker:
         if they belong to an earlier round than the current one.
         """
         self._active = False
+        self._start_orders = []
         self.alloc.disable_insert_log()
         for q in self._queues:
             q.clear()
@@ -240,7 +246,7 @@ class FreeListWalker:
                 q.popleft()
                 pos = 0
             self._pos[order] = pos
-            if self._found and time.perf_counter() > self._deadline:
+            if time.perf_counter() > self._deadline:  # after a step: every call makes progress
                 self._cut = True
                 break
         if not got:
@@ -256,10 +262,10 @@ class FreeListWalker:
         isolated in isolate mode). Higher orders first, including blocks
         inserted at a higher order after the walk moved below it.
 
-        The time budget is checked between vectorised steps once at least
-        one block was found, so a batch is empty only when the walk is
-        complete (then :attr:`done` is True): the producer may end the
-        round on an empty batch. Scanning stale candidates uses doubling
+        The time budget is checked after every vectorised step (start steps
+        included), so a batch can be empty while the walk goes on: the walk
+        is over only when :attr:`done` is True. Each call makes at least one
+        step, so the walk terminates. Scanning stale candidates uses doubling
         windows, so even that case stays a few vectorised steps.
         """
         if not self._active:
@@ -270,6 +276,14 @@ class FreeListWalker:
         self._found = 0
         self._misses = 0
         self._cut = False
+        while self._start_orders:
+            self._start_step()
+            self._steps += 1
+            if time.perf_counter() > self._deadline:
+                break
+        if self._start_orders:  # budget spent starting the walk: report nothing yet
+            self.stats._record(0, 0, time.perf_counter() - t0, True)
+            return _EMPTY[0].copy(), _EMPTY[1].copy()
         self._pull_log()
         room = self.batch
         parts_p: list[np.ndarray] = []
@@ -279,10 +293,8 @@ class FreeListWalker:
         for order in range(MAX_ORDER, self.min_order - 1, -1):
             if room == 0:
                 break
-            # the budget only applies once a block was found: an empty batch
-            # means "walk complete" to the producer, and even a zero budget
-            # makes progress, so the walk terminates
-            if self._found and time.perf_counter() > self._deadline:
+            # checked after at least one step, so even a zero budget progresses
+            if self._steps and time.perf_counter() > self._deadline:
                 cut = True
                 break
             sel = self._take(order, room)
