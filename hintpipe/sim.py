@@ -49,6 +49,7 @@ class SimConfig:
     memory: str = "sim"  # "sim": versions only; "real": page bytes in a memfd (hintpipe.realmem)
     invalidate: bool = True  # write-protect invalidation of skips (off only to prove the oracle)
     charge_holds: bool = True
+    fixed_hold_s: float | None = None  # charge this per walker hold instead of the measured time
 
     def __post_init__(self) -> None:
         if self.pages < 1:
@@ -123,7 +124,7 @@ async def migrate_guest(cfg: SimConfig, *, hinting: bool = True,
 
 async def _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall) -> SimRun:
     n = cfg.pages
-    zone = ZoneLock(charge_holds=cfg.charge_holds)
+    zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
     workload = Workload(cfg.workload, alloc, memory, zone)
     await workload.boot()  # before round 0: untracked, and round 0 sends everything anyway
     memory.tracker = backend.guest_tracker  # simulated faults from now on (real ones: in-kernel)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hintpipe.host.pagestate import HostPageState
+from hintpipe.trace.snapshot import decompose
 
 N = 1 << 12
 
@@ -67,3 +68,30 @@ def test_non_multiple_page_count():
     state.begin_first_round()
     state.apply_hints(np.array([[512, 256], [768, 128], [992, 8]], dtype=np.uint64))
     assert state.skip[512:896].all() and state.skip[992:1000].all() and not state.skip[896:992].any()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), n_ranges=st.integers(1, 3000), shuffle=st.booleans(),
+       pre_skip=st.floats(0, 0.5), written_frac=st.floats(0, 0.3))
+def test_apply_hints_large_batches_equal_per_range_loop(seed, n_ranges, shuffle, pre_skip, written_frac):
+    """Big batches reach the grouped, sorted and chunked paths; skip bits may already be set."""
+    n = 1 << 16
+    rng = np.random.default_rng(seed)
+    # non-overlapping aligned blocks of mixed orders: a random free mask of runs, split the way
+    # the buddy allocator would (top order first, as the walker sends them)
+    runs = np.repeat(rng.random(n // 64) < 0.6, 64) & (rng.random(n) < 0.97)
+    pfns, orders = decompose(runs)
+    pick = rng.permutation(len(pfns))[:n_ranges] if shuffle else np.arange(min(n_ranges, len(pfns)))
+    ranges = np.column_stack((pfns[pick], np.uint64(1) << orders[pick].astype(np.uint64)))
+    state = HostPageState(n)
+    state.begin_first_round()
+    state.skip[:] = rng.random(n) < pre_skip
+    written = np.flatnonzero(rng.random(n) < written_frac)
+    state.on_written(written)
+    before = state.skip.copy()
+    marked = state.apply_hints(ranges)
+    ref = before.copy()
+    for start, size in ranges.tolist():
+        ref[start:start + size] |= ~state.written[start:start + size]
+    assert np.array_equal(state.skip, ref)
+    assert marked == int(np.count_nonzero(ref & ~before))

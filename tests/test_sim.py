@@ -68,8 +68,9 @@ async def test_walker_batches_respect_the_bound(autojump_clock):
     min_order=st.integers(0, 10),
     ops=st.sampled_from([5_000.0, 40_000.0, 150_000.0]),
     bandwidth=st.sampled_from([0.5, 5.0, 50.0]),
+    hold=st.sampled_from([1e-5, 1e-3]),
 )
-def test_randomized_migrations_never_lose_a_page(seed, race_mode, batch, min_order, ops, bandwidth):
+def test_randomized_migrations_never_lose_a_page(seed, race_mode, batch, min_order, ops, bandwidth, hold):
     cfg = SimConfig(
         pages=1 << 14,
         workload=WorkloadConfig(seed=seed, ops_per_s=ops, write_pages_per_s=ops),
@@ -77,6 +78,9 @@ def test_randomized_migrations_never_lose_a_page(seed, race_mode, batch, min_ord
         batch=batch,
         min_order=min_order,
         race_mode=race_mode,
+        # fixed lock charges and no wall-clock budget: the interleaving depends on the example only
+        fixed_hold_s=hold,
+        time_budget_us=1e9,
     )
 
     async def go():

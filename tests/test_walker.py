@@ -165,7 +165,7 @@ def test_zero_time_budget_still_terminates():
     assert w.done
     assert total == n_blocks
     pct = w.stats.percentiles()
-    assert pct["max_us"] >= pct["p50_us"] >= 0
+    assert pct["max_us"] >= pct["p99_us"] >= pct["p50_us"] > 0
     assert w.stats.batches == w.stats.batch_durations().size
     assert w.stats.blocks == n_blocks and w.stats.max_batch_len <= 16
 

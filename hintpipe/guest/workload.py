@@ -78,12 +78,14 @@ class PauseGate:
         self._parked = trio.Event()
         self.paused = False
         self.vcpus = 0
+        self._parked_count = 0
 
     async def pause(self) -> None:
         """Stop the vCPUs at their next step and wait until they have stopped."""
         self.paused = True
         self._running = trio.Event()
         self._parked = trio.Event()
+        self._parked_count = 0
         if self.vcpus:
             await self._parked.wait()
 
@@ -95,8 +97,13 @@ class PauseGate:
     async def checkpoint(self) -> None:
         """Called by a vCPU between steps: park here while paused."""
         if self.paused:
-            self._parked.set()
-            await self._running.wait()
+            self._parked_count += 1
+            if self._parked_count >= self.vcpus:  # the last vCPU to stop releases pause()
+                self._parked.set()
+            try:
+                await self._running.wait()
+            finally:
+                self._parked_count -= 1
 
 
 @dataclass
@@ -157,8 +164,9 @@ class Workload:
         orders = rng.choice(self._orders, size=nops, p=self._order_p).tolist()
         coins = rng.random(nops).tolist()
         unmovable = (rng.random(nops) < self.cfg.unmovable_fraction).tolist()
-        new_pfns: list[int] = []
-        new_orders: list[int] = []
+        # blocks allocated this tick, written once the lock is dropped; one freed again within the
+        # tick leaves this map, so the write never lands on a free page
+        new: dict[int, int] = {}
         async with self.zone.allocator():
             for i in range(nops):
                 # steer around the target: allocate more often below it, free more often above
@@ -172,18 +180,18 @@ class Workload:
                         continue
                     self._blocks.append((pfn, order, mt))
                     self._churn_pages += 1 << order
-                    new_pfns.append(pfn)
-                    new_orders.append(order)
+                    new[pfn] = order
                     self.stats.allocs += 1
                 else:
                     j = int(rng.integers(len(self._blocks)))
                     self._blocks[j], self._blocks[-1] = self._blocks[-1], self._blocks[j]
                     pfn, order, mt = self._blocks.pop()
                     self.alloc.free(pfn, order, mt)
+                    new.pop(pfn, None)
                     self._churn_pages -= 1 << order
                     self.stats.frees += 1
-        if new_pfns:
-            pages = block_pages(np.array(new_pfns), np.array(new_orders))
+        if new:
+            pages = block_pages(np.fromiter(new.keys(), np.int64, len(new)), np.fromiter(new.values(), np.int64, len(new)))
             await self.memory.write(pages)
             self.stats.pages_written += len(pages)
 

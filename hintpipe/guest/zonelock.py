@@ -32,9 +32,11 @@ def percentiles_us(samples_s: list[float]) -> dict[str, float]:
 class ZoneLock:
     """A trio lock standing for ``zone->lock`` with the two measurements the brief asks for."""
 
-    def __init__(self, *, charge_holds: bool = True) -> None:
+    def __init__(self, *, charge_holds: bool = True, fixed_hold_s: float | None = None) -> None:
         self._lock = trio.Lock()
         self.charge_holds = charge_holds
+        # a fixed charge instead of the measured one: reproducible clock time for tests
+        self.fixed_hold_s = fixed_hold_s
         self.walker_holds: list[float] = []
         self.round_start_holds: list[float] = []
         self.alloc_waits: list[float] = []
@@ -50,7 +52,7 @@ class ZoneLock:
             hold = time.perf_counter() - t0
             (self.round_start_holds if round_start else self.walker_holds).append(hold)
             if self.charge_holds:
-                await trio.sleep(hold)
+                await trio.sleep(hold if self.fixed_hold_s is None else self.fixed_hold_s)
 
     @asynccontextmanager
     async def allocator(self) -> AsyncIterator[None]:

@@ -106,16 +106,6 @@ class MigrationResult:
         return d
 
 
-class HintControl:
-    """What the engine needs from the hinting side (a :class:`HostSession`, or nothing)."""
-
-    async def start_round(self) -> int | None:  # pragma: no cover - interface
-        return None
-
-    async def stop_round(self) -> None:  # pragma: no cover - interface
-        return None
-
-
 @dataclass
 class MigrationEngine:
     """Migrate one guest whose page state the host tracks in ``state``.
