@@ -92,6 +92,17 @@ def test_device_rejects_corrupt_ring():
         vq2.pop()
 
 
+def test_driver_rejects_a_used_id_it_did_not_post():
+    vq = SplitVirtqueue(8)
+    vq.add(b"a")
+    vq.add(b"b")
+    desc, _ = vq.pop()
+    vq.push_used(desc)
+    vq.push_used(desc)  # a broken device returns the same descriptor twice
+    with pytest.raises(VirtqueueError, match="not in flight"):
+        vq.reclaim()
+
+
 async def test_inproc_link_blocks_sender_at_queue_size(autojump_clock):
     guest, host = inproc_pair(4)
     sent = 0

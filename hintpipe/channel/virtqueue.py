@@ -169,6 +169,7 @@ class SplitVirtqueue:
         self.stats = NotifyStats()
         # driver-private state
         self._free_ids = list(range(size - 1, -1, -1))
+        self._in_flight = np.zeros(size, dtype=bool)  # a used id must be one we posted
         self._last_used = 0
         # device-private state
         self._last_avail = 0
@@ -188,6 +189,7 @@ class SplitVirtqueue:
             raise QueueFull
         desc_id = self._free_ids.pop()
         self.pool.put(desc_id, data)
+        self._in_flight[desc_id] = True
         d = self._desc[desc_id]
         d["addr"] = self.pool.addr_of(desc_id)
         d["len"] = len(data)
@@ -215,8 +217,10 @@ class SplitVirtqueue:
             raise VirtqueueError(f"used index jumped by {n} with only {self.size - len(self._free_ids)} in flight")
         for i in range(n):
             desc_id = int(self._used_ring[(self._last_used + i) % self.size]["id"])
-            if desc_id >= self.size:
-                raise VirtqueueError(f"used ring returned descriptor id {desc_id} >= {self.size}")
+            if desc_id >= self.size or not self._in_flight[desc_id]:
+                # a duplicate would let us reuse a descriptor the device still holds
+                raise VirtqueueError(f"used ring returned descriptor id {desc_id}, which is not in flight")
+            self._in_flight[desc_id] = False
             self._free_ids.append(desc_id)
         self._last_used = used_idx
         # ask for an interrupt when the device uses the next one

@@ -122,7 +122,11 @@ class Workload:
         self._orders = np.array([o for o, _ in self.cfg.order_mix], dtype=np.int64)
         w = np.array([w for _, w in self.cfg.order_mix], dtype=float)
         self._order_p = w / w.sum() if w.sum() > 0 else None
-        self._blocks: list[tuple[int, int, int]] = []  # churn blocks (pfn, order, mt)
+        # churn blocks as parallel arrays (swap-remove on free), so rewrites gather vectorised
+        self._bpfn = np.zeros(1024, dtype=np.int64)
+        self._bord = np.zeros(1024, dtype=np.int8)
+        self._bmt = np.zeros(1024, dtype=np.int8)
+        self._nblocks = 0
         self._churn_pages = 0
         self._static = np.empty(0, dtype=np.int64)
 
@@ -171,21 +175,19 @@ class Workload:
             for i in range(nops):
                 # steer around the target: allocate more often below it, free more often above
                 p_alloc = 0.5 + 0.4 * min(1.0, max(-1.0, (target - self._churn_pages) / max(target, 1)))
-                if coins[i] < p_alloc or not self._blocks:
+                if coins[i] < p_alloc or not self._nblocks:
                     order = orders[i]
                     mt = MigrateType.UNMOVABLE if unmovable[i] else MigrateType.MOVABLE
                     pfn = self.alloc.alloc(order, mt)
                     if pfn is None:
                         self.stats.alloc_failures += 1
                         continue
-                    self._blocks.append((pfn, order, mt))
+                    self._push_block(pfn, order, mt)
                     self._churn_pages += 1 << order
                     new[pfn] = order
                     self.stats.allocs += 1
                 else:
-                    j = int(rng.integers(len(self._blocks)))
-                    self._blocks[j], self._blocks[-1] = self._blocks[-1], self._blocks[j]
-                    pfn, order, mt = self._blocks.pop()
+                    pfn, order, mt = self._pop_block(int(rng.integers(self._nblocks)))
                     self.alloc.free(pfn, order, mt)
                     new.pop(pfn, None)
                     self._churn_pages -= 1 << order
@@ -195,19 +197,36 @@ class Workload:
             await self.memory.write(pages)
             self.stats.pages_written += len(pages)
 
+    def _push_block(self, pfn: int, order: int, mt: int) -> None:
+        n = self._nblocks
+        if n == len(self._bpfn):
+            self._bpfn = np.resize(self._bpfn, 2 * n)
+            self._bord = np.resize(self._bord, 2 * n)
+            self._bmt = np.resize(self._bmt, 2 * n)
+        self._bpfn[n], self._bord[n], self._bmt[n] = pfn, order, mt
+        self._nblocks = n + 1
+
+    def _pop_block(self, j: int) -> tuple[int, int, MigrateType]:
+        """Remove block ``j`` (the last one takes its place); return (pfn, order, mt)."""
+        out = int(self._bpfn[j]), int(self._bord[j]), MigrateType(int(self._bmt[j]))
+        last = self._nblocks - 1
+        self._bpfn[j], self._bord[j], self._bmt[j] = self._bpfn[last], self._bord[last], self._bmt[last]
+        self._nblocks = last
+        return out
+
     async def _rewrite(self, npages: int) -> None:
         """Rewrite ``npages`` random allocated pages: half static, half churn blocks."""
         rng = self.rng
         parts = []
-        n_static = npages if not self._blocks else npages // 2
+        n_static = npages if not self._nblocks else npages // 2
         if len(self._static) and n_static:
             heads = self._static[rng.integers(len(self._static), size=n_static)]
             parts.append(heads + rng.integers(1 << MAX_ORDER, size=n_static))
         n_churn = npages - n_static
-        if self._blocks and n_churn:
-            idx = rng.integers(len(self._blocks), size=n_churn)
-            pfn = np.fromiter((self._blocks[i][0] for i in idx), dtype=np.int64, count=n_churn)
-            order = np.fromiter((self._blocks[i][1] for i in idx), dtype=np.int64, count=n_churn)
+        if self._nblocks and n_churn:
+            idx = rng.integers(self._nblocks, size=n_churn)
+            pfn = self._bpfn[idx]
+            order = self._bord[idx].astype(np.int64)
             parts.append(pfn + (rng.integers(1 << 30, size=n_churn) & ((1 << order) - 1)))
         if parts:
             pages = np.unique(np.concatenate(parts))
