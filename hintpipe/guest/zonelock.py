@@ -9,6 +9,7 @@ meanwhile waits, and that wait, in clock time, is the allocation stall it saw.
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -29,6 +30,31 @@ def percentiles_us(samples_s: list[float]) -> dict[str, float]:
     }
 
 
+class Samples:
+    """Durations in seconds: exact count and max, percentiles over the most recent ``keep``.
+
+    Bounded so a guest that runs for days does not grow a list per lock section.
+    """
+
+    def __init__(self, keep: int = 1 << 16) -> None:
+        self._recent: deque[float] = deque(maxlen=keep)
+        self.count = 0
+        self.max = 0.0
+
+    def append(self, seconds: float) -> None:
+        """Record one duration."""
+        self._recent.append(seconds)
+        self.count += 1
+        self.max = max(self.max, seconds)
+
+    def summary_us(self) -> dict:
+        """p50/p99 (recent samples), max and count (all samples), in microseconds."""
+        out = percentiles_us(list(self._recent))
+        out["max_us"] = round(self.max * 1e6, 2)
+        out["count"] = self.count
+        return out
+
+
 class ZoneLock:
     """A trio lock standing for ``zone->lock`` with the two measurements the brief asks for."""
 
@@ -37,9 +63,9 @@ class ZoneLock:
         self.charge_holds = charge_holds
         # a fixed charge instead of the measured one: reproducible clock time for tests
         self.fixed_hold_s = fixed_hold_s
-        self.walker_holds: list[float] = []
-        self.round_start_holds: list[float] = []
-        self.alloc_waits: list[float] = []
+        self.walker_holds = Samples()
+        self.round_start_holds = Samples()
+        self.alloc_waits = Samples()
 
     @asynccontextmanager
     async def walker(self, *, round_start: bool = False) -> AsyncIterator[None]:
@@ -64,15 +90,16 @@ class ZoneLock:
 
     def summary(self) -> dict:
         """Hold and wait figures as JSON-ready numbers."""
-        hold = percentiles_us(self.walker_holds)
-        wait = percentiles_us(self.alloc_waits)
+        hold = self.walker_holds.summary_us()
+        wait = self.alloc_waits.summary_us()
+        start = self.round_start_holds.summary_us()
         return {
             "batches": hold["count"],
             "p50_hold_us": hold["p50_us"],
             "p99_hold_us": hold["p99_us"],
             # the worst hold an allocation could meet: batches and walk starts alike
-            "max_hold_us": max(hold["max_us"], percentiles_us(self.round_start_holds)["max_us"]),
-            "max_round_start_hold_us": percentiles_us(self.round_start_holds)["max_us"],
+            "max_hold_us": max(hold["max_us"], start["max_us"]),
+            "max_round_start_hold_us": start["max_us"],
             "alloc_sections": wait["count"],
             "p99_alloc_wait_us": wait["p99_us"],
             "max_alloc_wait_us": wait["max_us"],
