@@ -190,7 +190,10 @@ class Producer:
                 self.walker.release(pfns, orders)
 
     def _release_all_inflight(self) -> None:
-        # leaving: blocks isolated for frames the host never acked go back to the free lists
+        # leaving: blocks isolated for frames the host never acked go back to the free lists.
+        # Synchronous, so no other task runs meanwhile; the only holder that awaits inside the
+        # zone lock is this producer's own walk (its charged hold), which has ended: the lock's
+        # critical sections cannot interleave with this even though it is not taken here.
         while self._inflight:
             self.walker.release(*self._inflight.popleft())
 
