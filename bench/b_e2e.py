@@ -1,6 +1,7 @@
 """Benchmark 4: end to end, guest process -> transport -> host process, walk (or batch) to bitmap.
 
-Two processes per transport (unix socketpair, tcp loopback). The guest process encodes Hints
+Two processes per transport (unix socketpair, tcp loopback, and the shared-memory rings of
+``hintpipe.channel.shm`` driven under trio). The guest process encodes Hints
 frames (hintpipe's codec) and writes them to the socket; the host process reads, splits and
 decodes frames (``FrameDecoder``), validates the ranges against the guest geometry
 (``validate_ranges``) and applies them to a ``HostPageState``: the host's whole receive path.
@@ -15,9 +16,9 @@ The host times from its "go" byte to the decoded RoundEnd frame. Modes:
 
 This harness uses plain blocking sockets and hintpipe's sans-I/O codec directly; it does not go
 through ``hintpipe guest``/``hintpipe host`` (trio, real-time workload, write-protect barriers),
-whose per-frame costs come on top. A shared-memory transport was not in the tree when this was
-written: in its place, the in-process split-virtqueue link (``hintpipe.channel.inproc``) carries
-the same frames under trio, with and without EVENT_IDX, and its kicks per frame are reported.
+whose per-frame costs come on top. The shm runs report guest kicks per frame with and without
+EVENT_IDX; the in-process split-virtqueue link (``hintpipe.channel.inproc``) carries the same
+frames under trio for comparison.
 """
 
 from __future__ import annotations
