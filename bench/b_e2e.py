@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from common import BENCH_DIR, ROOT, rate, row, spread
+from common import BENCH_DIR, ROOT, rate, row
 
 from hintpipe.protocol import FrameDecoder, Hints, RoundEnd, encode, validate_ranges
 
@@ -131,6 +131,21 @@ def guest_main(spec: dict) -> None:
 
 
 # ------------------------------------------------------------------ host side (this process)
+def _consume(dec: FrameDecoder, state, pages: int) -> tuple[int, int, bool]:
+    """The host's receive path for what ``dec`` holds: validate and apply every Hints frame.
+    Returns (ranges applied, frames decoded, RoundEnd seen)."""
+    ranges = frames = 0
+    while (msg := dec.next_message()) is not None:
+        frames += 1
+        if type(msg) is Hints:
+            validate_ranges(msg.ranges, pages)
+            state.apply_hints(msg.ranges)
+            ranges += len(msg.ranges)
+        elif type(msg) is RoundEnd:
+            return ranges, frames, True
+    return ranges, frames, False
+
+
 def _host_round(sock: socket.socket, dec: FrameDecoder, state, pages: int, buf: bytearray) -> tuple[int, int, int]:
     """Receive one round of frames; return (ranges, bytes, frames)."""
     mv = memoryview(buf)
@@ -141,14 +156,11 @@ def _host_round(sock: socket.socket, dec: FrameDecoder, state, pages: int, buf: 
             raise EOFError("guest closed mid-round")
         nbytes += n
         dec.feed(mv[:n])
-        while (msg := dec.next_message()) is not None:
-            frames += 1
-            if type(msg) is Hints:
-                validate_ranges(msg.ranges, pages)
-                state.apply_hints(msg.ranges)
-                ranges += len(msg.ranges)
-            elif type(msg) is RoundEnd:
-                return ranges, nbytes, frames
+        r, f, done = _consume(dec, state, pages)
+        ranges += r
+        frames += f
+        if done:
+            return ranges, nbytes, frames
 
 
 def _host_raw(sock: socket.socket, buf: bytearray) -> tuple[int, int, int]:
@@ -294,14 +306,9 @@ def run_shm(mode: str, *, pages: int, n_blocks: int, runs: int, event_idx: bool 
                             raise EOFError("guest closed mid-round")
                         nbytes += len(data)
                         dec.feed(data)
-                        while (msg := dec.next_message()) is not None:
-                            frames += 1
-                            if type(msg) is Hints:
-                                validate_ranges(msg.ranges, pages)
-                                state.apply_hints(msg.ranges)
-                                ranges += len(msg.ranges)
-                            elif type(msg) is RoundEnd:
-                                done = True
+                        r, f, done = _consume(dec, state, pages)
+                        ranges += r
+                        frames += f
                     if i >= warmup:
                         times.append(time.perf_counter() - t0)
                     last = (ranges, nbytes, frames)

@@ -8,7 +8,7 @@ from hintpipe.trace.events import COLUMNS, EventBatch
 from hintpipe.trace.format import MAGIC, convert
 from hintpipe.trace.summary import inspect, render_text
 from hintpipe.trace.recording import open_trace
-from test_trace_helpers import NUMPY, TAR
+from test_trace_helpers import NUMPY
 
 
 @pytest.fixture(scope="module")

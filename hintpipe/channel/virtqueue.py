@@ -227,10 +227,6 @@ class SplitVirtqueue:
         self._avail[2 + self.size] = used_idx
         return n
 
-    def used_pending(self) -> bool:
-        """Whether the device has returned buffers the driver has not reclaimed yet."""
-        return int(self._used_hdr[1]) != self._last_used
-
     # ---- device side -------------------------------------------------------------------
     def avail_pending(self) -> bool:
         """Whether the driver has posted buffers the device has not popped yet."""

@@ -101,16 +101,11 @@ class GuestRam:
                 self.words[p] = page_pattern(p, v, out=buf[:len(p)])
 
     def write_pages_nogil(self, pfns: np.ndarray, versions: np.ndarray | int) -> None:
-        """Like :meth:`write_pages` but each page is copied by ctypes.memmove (GIL released).
+        """Like :meth:`write_pages` but never holding the GIL while a store can fault
+        (see :func:`hintpipe.realmem.write_pages_nogil`, which does the work)."""
+        from hintpipe.realmem import write_pages_nogil  # realmem builds on this module
 
-        One C call per page: for tests that fault on every page under sync tracking.
-        """
-        pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
-        self._check(pfns)
-        pattern = page_pattern(pfns, versions)
-        src = pattern.ctypes.data
-        for i, pfn in enumerate(pfns.tolist()):
-            ctypes.memmove(self.addr + pfn * PAGE_SIZE, src + i * PAGE_SIZE, PAGE_SIZE)
+        write_pages_nogil(self, pfns, versions)
 
     def verify(self, pfns: np.ndarray, versions: np.ndarray | int) -> np.ndarray:
         """Boolean array: does page ``pfns[i]`` hold exactly the pattern of ``versions[i]``?"""

@@ -16,7 +16,7 @@ from .codec import (
     validate_pfns,
     validate_ranges,
 )
-from .connection import MAX_OPEN_ROUNDS, ConnState, GuestConnection, GuestState, HostConnection, HostState
+from .connection import MAX_OPEN_ROUNDS, ConnState, GuestConnection, HostConnection
 from .errors import ErrorCode, LocalProtocolError, ProtocolError
 from .messages import (
     CMD_ID_BASE,
@@ -54,7 +54,7 @@ from .messages import (
 __all__ = [
     "FrameDecoder", "decode", "decode_payload", "decode_pfns", "decode_ranges", "encode",
     "encode_payload", "encode_ranges", "validate_pfns", "validate_ranges",
-    "MAX_OPEN_ROUNDS", "ConnState", "GuestConnection", "GuestState", "HostConnection", "HostState",
+    "MAX_OPEN_ROUNDS", "ConnState", "GuestConnection", "HostConnection",
     "ErrorCode", "LocalProtocolError", "ProtocolError",
     "CMD_ID_BASE", "CMD_ID_MAX", "MAX_FAULT_PFNS", "MAX_FRAME_PAYLOAD", "MAX_NAME_LEN",
     "MAX_OUTSTANDING_FAULTS", "MAX_PAGE_COUNT", "MAX_RANGE_ORDER", "MAX_RANGES_PER_BATCH",

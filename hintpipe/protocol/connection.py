@@ -71,8 +71,6 @@ class ConnState(enum.Enum):
     """A protocol error was detected locally or error() was sent."""
 
 
-HostState = ConnState
-GuestState = ConnState
 
 
 def _local(code: ErrorCode, message: str) -> LocalProtocolError:
@@ -588,6 +586,3 @@ class GuestConnection(_Connection):
         """Fault seqs sent without FaultDone yet."""
         return frozenset(self._faults)
 
-    def batches_sent(self, cmd_id: int) -> int:
-        """Hints frames sent under an open round (for RoundEnd)."""
-        return self._open.get(cmd_id, 0)
