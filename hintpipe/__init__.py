@@ -6,6 +6,3 @@ bitmap of pages it need not send; write-protect faults invalidate skips of pages
 """
 
 __version__ = "0.1.0"
-
-PAGE_SIZE = 4096
-"""Bytes per guest page (x86-64 base pages)."""

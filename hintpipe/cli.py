@@ -12,7 +12,7 @@ import json
 import re
 import sys
 
-from hintpipe import PAGE_SIZE
+from hintpipe.units import PAGE_SIZE
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -142,7 +142,7 @@ def format_replay(rep: dict) -> str:
         f"final free pages   {f['free_pages']:,} (buddyinfo.end {f['reference_free_pages']}, "
         f"error {f['error_pages']} pages = {f['error_pct']}%)",
     ]
-    rep2 = {"config": {"gib": round(t["pages"] * 4096 / 2**30, 2), "pages": t["pages"], "workload": "replay",
+    rep2 = {"config": {"gib": round(t["pages"] * PAGE_SIZE / 2**30, 2), "pages": t["pages"], "workload": "replay",
                        **rep["config"]}, **{k: rep[k] for k in ("migration", "hints", "faults", "lock")}}
     rep2["hints"].setdefault("stale_messages", 0)
     tail = f"replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s; parse {rep['parse_s']} s)"

@@ -19,7 +19,7 @@ import numpy as np
 from hintpipe.guest.memory import GuestMemory, WriteTracker
 from hintpipe.host import uffd as _uffd
 from hintpipe.host.guest_ram import WORDS_PER_PAGE, GuestRam, page_pattern
-from hintpipe.host.uffd import PAGE_SIZE
+from hintpipe.units import PAGE_SIZE
 
 __all__ = ["RealGuestMemory", "RealMachine", "write_pages_nogil", "WRITE_CHUNK_PAGES"]
 

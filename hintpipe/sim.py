@@ -27,6 +27,8 @@ from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
 from hintpipe.host.wp_backends import REAL_BACKENDS, WP_CHOICES, make_backend, resolve_backend
 from hintpipe.realmem import RealGuestMemory, RealMachine
+from hintpipe.protocol import MAX_RANGES_PER_BATCH
+from hintpipe.units import PAGE_SIZE
 
 RACE_MODES = ("detect", "isolate")
 
@@ -44,7 +46,7 @@ class SimConfig:
     time_budget_us: float = 200.0
     queue_size: int = 256
     event_idx: bool = True
-    max_ranges: int = 4096
+    max_ranges: int = MAX_RANGES_PER_BATCH
     wp: str = "sim"  # sim, uffd, uffd-async, auto, or off (no write tracking: for the oracle test)
     memory: str = "sim"  # "sim": versions only; "real": page bytes in a memfd (hintpipe.realmem)
     invalidate: bool = True  # write-protect invalidation of skips (off only to prove the oracle)
@@ -223,7 +225,7 @@ def report(cfg: SimConfig, run: SimRun, baseline: SimRun | None) -> dict:
     return {
         "config": {
             "pages": cfg.pages,
-            "gib": round(cfg.pages * 4096 / 2**30, 3),
+            "gib": round(cfg.pages * PAGE_SIZE / 2**30, 3),
             "workload": cfg.workload.kind,
             "batch": cfg.batch,
             "min_order": cfg.min_order,

@@ -9,13 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hintpipe.guest.buddy import (
-    ISOLATED,
-    MAX_ORDER,
-    REPORTED,
-    BuddyAllocator,
-    MigrateType,
-)
+from hintpipe.guest.buddy import ISOLATED, REPORTED, BuddyAllocator, MigrateType
+from hintpipe.units import MAX_ORDER
 
 # Not a multiple of 1024: the tail is covered by smaller aligned blocks.
 N = 3 * 1024 + 512 + 64 + 3

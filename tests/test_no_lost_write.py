@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from hintpipe.guest.buddy import BuddyAllocator
-from hintpipe.guest.memory import block_pages
 from hintpipe.guest.walker import FreeListWalker
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.protocol import GuestConnection, HostConnection, Hints, RoundEnd, StaleHints
+from hintpipe.units import block_pages
 
 N = 1 << 12
 CHUNK = 512

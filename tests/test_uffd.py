@@ -10,7 +10,6 @@ import pytest
 from hintpipe.host import pagemap as pm
 from hintpipe.host import uffd as u
 from hintpipe.host.guest_ram import GuestRam
-from hintpipe.host.wp_real import merge_runs
 
 
 def _need(backend: str) -> dict:
@@ -107,13 +106,6 @@ def test_parse_messages():
         u.parse_messages(b"\0" * 33)
 
 
-def test_merge_runs_and_expand():
-    starts, counts = merge_runs(np.array([9, 1, 2, 3, 7, 9, 10]))
-    assert starts.tolist() == [1, 7, 9] and counts.tolist() == [3, 1, 2]
-    assert pm.ranges_to_pfns(starts, counts).tolist() == [1, 2, 3, 7, 9, 10]
-    assert pm.ranges_to_pfns(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).size == 0
-
-
 def test_pagemap_scan_without_async_wp_fails_with_check():
     """PM_SCAN_CHECK_WPASYNC refuses a range with no async uffd-wp, instead of lying."""
     with GuestRam(4) as ram, pm.PagemapScanner() as sc:
@@ -134,14 +126,3 @@ def test_pagemap_scan_wrong_size_is_einval():
             u.ioctl(sc.fd, pm.PAGEMAP_SCAN, arg)
         assert ei.value.errno == errno.EINVAL
 
-
-from hypothesis import given, settings, strategies as st
-
-
-@settings(derandomize=True, max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 300), max_size=80))
-def test_merge_runs_roundtrip(pfns):
-    starts, counts = merge_runs(np.array(pfns, dtype=np.int64))
-    assert (counts > 0).all()
-    assert (starts[1:] > starts[:-1] + counts[:-1]).all()    # maximal: runs never touch
-    assert pm.ranges_to_pfns(starts, counts).tolist() == sorted(set(pfns))

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hintpipe.guest.buddy import ISOLATED, MAX_ORDER, REPORTED, BuddyAllocator
+from hintpipe.guest.buddy import ISOLATED, REPORTED, BuddyAllocator
 from hintpipe.guest.walker import FreeListWalker
+from hintpipe.units import MAX_ORDER
 
 N = 1 << 13
 MIN_ORDER = 3

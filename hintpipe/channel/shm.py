@@ -36,6 +36,7 @@ import trio
 
 from hintpipe.channel.virtqueue import QueueFull, RingLayout, SlotPool, SplitVirtqueue, VirtqueueError
 from hintpipe.protocol import ErrorCode, ProtocolError
+from hintpipe.units import align_up
 
 SETUP_MAGIC = b"HPSHM001"
 SETUP_OK = b"HPSHMOK\0"
@@ -59,19 +60,15 @@ class ShmSetupError(Exception):
     """The shm setup message was refused (the text says why)."""
 
 
-def _align(n: int, a: int = 4096) -> int:
-    return (n + a - 1) & ~(a - 1)
-
-
 def ring_layout(size: int, slot: int) -> dict:
     """Byte offsets of the ring memfd parts for ``size`` descriptors of ``slot`` bytes."""
     ring = RingLayout(size).total
     a_ring = HEADER_SIZE
-    a_slots = a_ring + _align(ring)
-    b_ring = a_slots + _align(size * slot)
-    b_slots = b_ring + _align(ring)
+    a_slots = a_ring + align_up(ring)
+    b_ring = a_slots + align_up(size * slot)
+    b_slots = b_ring + align_up(ring)
     return {"a_ring": a_ring, "a_slots": a_slots, "b_ring": b_ring, "b_slots": b_slots,
-            "total": b_slots + _align(size * slot)}
+            "total": b_slots + align_up(size * slot)}
 
 
 def _is_eventfd(fd: int) -> bool:

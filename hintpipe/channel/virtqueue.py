@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hintpipe.units import align_up
+
 DESC_SIZE = 16
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
@@ -43,10 +45,6 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) & ~(a - 1)
-
-
 @dataclass(frozen=True)
 class RingLayout:
     """Byte offsets of the three parts of a split ring of ``size`` entries."""
@@ -63,7 +61,7 @@ class RingLayout:
             raise ValueError(f"queue size must be a power of two in 1..{MAX_QUEUE_SIZE}, got {n}")
         object.__setattr__(self, "desc", 0)
         object.__setattr__(self, "avail", DESC_SIZE * n)
-        used = _align(DESC_SIZE * n + 6 + 2 * n, 4)
+        used = align_up(DESC_SIZE * n + 6 + 2 * n, 4)
         object.__setattr__(self, "used", used)
         object.__setattr__(self, "total", used + 6 + 8 * n)
 

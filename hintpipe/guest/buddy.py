@@ -24,9 +24,9 @@ from enum import IntEnum
 
 import numpy as np
 
+from hintpipe.units import MAX_ORDER, NR_ORDERS
+
 __all__ = [
-    "MAX_ORDER",
-    "NR_ORDERS",
     "NR_MIGRATETYPES",
     "MigrateType",
     "REPORTED",
@@ -34,10 +34,6 @@ __all__ = [
     "MT_MASK",
     "BuddyAllocator",
 ]
-
-#: Largest block order (2**10 pages = 4 MiB with 4 KiB pages), as on x86 Linux.
-MAX_ORDER = 10
-NR_ORDERS = MAX_ORDER + 1
 
 
 class MigrateType(IntEnum):

@@ -42,14 +42,3 @@ class GuestMemory:
         await self.tracker.before_write(pfns)
         self.versions[pfns] += 1
         self.pages_written += len(pfns)
-
-
-def block_pages(pfns: np.ndarray, orders: np.ndarray) -> np.ndarray:
-    """Expand blocks ``(pfn, order)`` into the array of every page they cover (vectorised)."""
-    pfns = np.asarray(pfns, dtype=np.int64)
-    sizes = np.left_shift(1, np.asarray(orders, dtype=np.int64))
-    total = int(sizes.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    starts = np.repeat(pfns - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
-    return starts + np.arange(total, dtype=np.int64)

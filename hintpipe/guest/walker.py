@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .buddy import ISOLATED, MAX_ORDER, NR_ORDERS, REPORTED, BuddyAllocator
+from hintpipe.units import MAX_ORDER, NR_ORDERS
+
+from .buddy import ISOLATED, REPORTED, BuddyAllocator
 
 __all__ = ["FreeListWalker", "WalkerStats", "DEFAULT_MIN_ORDER", "DEFAULT_BATCH"]
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from hintpipe.guest.buddy import MAX_ORDER, BuddyAllocator, MigrateType
-from hintpipe.guest.memory import GuestMemory, block_pages
+from hintpipe.guest.buddy import BuddyAllocator, MigrateType
+from hintpipe.guest.memory import GuestMemory
 from hintpipe.guest.zonelock import ZoneLock
+from hintpipe.units import MAX_ORDER, block_pages
 
 # mostly small allocations, a few huge-page sized ones: about 8 pages written per allocation
 DEFAULT_ORDER_MIX = ((0, 0.6), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.09), (9, 0.01))

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .uffd import PAGE_SIZE
+from hintpipe.units import PAGE_SIZE
 
 __all__ = ["GuestRam", "page_pattern", "WORDS_PER_PAGE"]
 

@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from hintpipe import PAGE_SIZE
+from hintpipe.units import PAGE_SIZE
 from hintpipe.host.pagestate import HostPageState
 
 

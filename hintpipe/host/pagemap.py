@@ -20,10 +20,12 @@ import os
 
 import numpy as np
 
-from .uffd import PAGE_SIZE, _IOC_READ, _IOC_WRITE, ioc, ioctl
+from hintpipe.units import PAGE_SIZE
+
+from .uffd import _IOC_READ, _IOC_WRITE, ioc, ioctl
 
 __all__ = [
-    "PmScanArg", "PageRegion", "PAGEMAP_SCAN", "PagemapScanner", "ranges_to_pfns",
+    "PmScanArg", "PageRegion", "PAGEMAP_SCAN", "PagemapScanner",
     "PM_SCAN_WP_MATCHING", "PM_SCAN_CHECK_WPASYNC", "PAGE_IS_WPALLOWED", "PAGE_IS_WRITTEN",
     "PAGE_IS_FILE", "PAGE_IS_PRESENT", "PAGE_IS_SWAPPED", "PAGE_IS_PFNZERO",
     "PAGE_IS_HUGE", "PAGE_IS_SOFT_DIRTY",
@@ -61,18 +63,6 @@ PAGE_REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "
 assert PAGE_REGION_DTYPE.itemsize == ctypes.sizeof(PageRegion)
 
 DEFAULT_VEC_LEN = 4096  # 96 KiB of output; longer scans resume from walk_end
-
-
-def ranges_to_pfns(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Expand (start, count) ranges into one int64 pfn array, without a Python loop."""
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    starts = np.asarray(starts, dtype=np.int64)
-    # offsets within each range: arange(total) minus the running start of its range
-    run_start = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(starts, counts) + (np.arange(total, dtype=np.int64) - run_start)
 
 
 class PagemapScanner:

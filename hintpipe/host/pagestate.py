@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hintpipe.protocol.messages import MAX_RANGE_ORDER
+from hintpipe.units import run_pages
+
 
 @dataclass
 class HintStats:
@@ -178,8 +181,7 @@ class HostPageState:
 
     def _apply_pages(self, starts: np.ndarray, sizes: np.ndarray, total: int) -> tuple[int, int]:
         """Small unordered batches: expand the blocks to their pages and mark those."""
-        first = np.cumsum(sizes) - sizes
-        pages = np.repeat(starts - first, sizes) + np.arange(total)
+        pages = run_pages(starts, sizes)
         if self.invalidate:
             ok = ~self.written[pages]
             refused = total - int(np.count_nonzero(ok))
@@ -191,8 +193,8 @@ class HostPageState:
         return marked, refused
 
 
-# Block sizes 2**0 .. 2**20 (MAX_RANGE_ORDER).
-_NR_SIZES = 21
+# Block sizes 2**0 .. 2**MAX_RANGE_ORDER.
+_NR_SIZES = MAX_RANGE_ORDER + 1
 # A block of s <= 8 pages is exactly one s-byte word of the (bool, one byte a page) bitmap.
 _WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _ONES = {

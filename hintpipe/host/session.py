@@ -27,7 +27,7 @@ from hintpipe.protocol import (
     RoundEnd,
     StaleHints,
 )
-from hintpipe.protocol.messages import CMD_ID_BASE
+from hintpipe.protocol.messages import CMD_ID_BASE, MAX_RANGES_PER_BATCH
 
 
 class GuestGone(Exception):
@@ -49,7 +49,7 @@ class SessionStats:
 class HostSession:
     """Serve one guest over ``endpoint`` (``send_frame``, ``receive``, ``aclose``)."""
 
-    def __init__(self, endpoint, *, max_ranges: int = 4096, window: int | None = None,
+    def __init__(self, endpoint, *, max_ranges: int = MAX_RANGES_PER_BATCH, window: int | None = None,
                  first_cmd_id: int = CMD_ID_BASE, send_timeout_s: float = 10.0) -> None:
         self.endpoint = endpoint
         self.send_timeout_s = send_timeout_s

@@ -22,6 +22,8 @@ import platform
 
 import numpy as np
 
+from hintpipe.units import PAGE_SIZE
+
 __all__ = [
     "UffdUnavailable", "Userfaultfd", "UffdioApi", "UffdioRange", "UffdioRegister",
     "UffdioWriteprotect", "UFFD_MSG_DTYPE", "parse_messages", "probe", "ioc",
@@ -30,7 +32,6 @@ __all__ = [
     "available_features", "feature_names", "writeprotect_fd", "WP_FEATURES_ASYNC",
 ]
 
-PAGE_SIZE = 4096
 
 # ---------------------------------------------------------------- ioctl encoding
 # include/uapi/asm-generic/ioctl.h: nr 8 bits, type 8 bits, size 14 bits, dir 2 bits.

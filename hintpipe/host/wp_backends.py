@@ -37,12 +37,12 @@ import numpy as np
 
 from hintpipe.guest.memory import NoTracking
 from hintpipe.host import uffd as _uffd
-from hintpipe.host.pagemap import ranges_to_pfns
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.host.uffd import PAGE_SIZE, UffdUnavailable
+from hintpipe.host.uffd import UffdUnavailable
 from hintpipe.host.wp_real import UffdAsyncTracker, UffdSyncTracker
 from hintpipe.host.writeprotect import SimWriteProtect
 from hintpipe.protocol.errors import ErrorCode, ProtocolError
+from hintpipe.units import MAX_PAGE_COUNT, PAGE_SIZE, run_pages
 
 __all__ = [
     "WP_CHOICES", "REAL_BACKENDS", "AUTO_ORDER", "resolve_backend", "WpBackend", "SimBackend",
@@ -87,7 +87,6 @@ def resolve_backend(requested: str, memory: str = "real") -> str:
 
 
 _HANDOFF = struct.Struct("<QQQ16s")
-_MAX_PAGES = 1 << 40  # 4 PiB: anything above is nonsense from the guest
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ class RamHandoff:
             backend = "?"
         if backend not in ("sim", "off") + REAL_BACKENDS:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"RAM handoff names unknown backend {backend!r}")
-        if addr == 0 or addr % PAGE_SIZE or not 0 < pages <= _MAX_PAGES or not 0 < pid < 1 << 31:
+        if addr == 0 or addr % PAGE_SIZE or not 0 < pages <= MAX_PAGE_COUNT or not 0 < pid < 1 << 31:
             raise ProtocolError(ErrorCode.BAD_FIELD, "RAM handoff has a bad address, page count or pid")
         return cls(addr, pid, pages, backend)
 
@@ -243,7 +242,7 @@ class RangeScanTracker(UffdAsyncTracker):
         self.scans += 1
         self.protect_calls += 1
         self.faults += int(counts.sum())
-        return ranges_to_pfns(starts + start, counts)
+        return run_pages(starts + start, counts)
 
 
 class AsyncUffdBackend(WpBackend):

@@ -31,19 +31,19 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from .pagemap import PagemapScanner, ranges_to_pfns
+from hintpipe.units import PAGE_SHIFT, PAGE_SIZE, page_runs, run_pages
+
+from .pagemap import PagemapScanner
 from .uffd import (
-    PAGE_SIZE, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE, UFFD_PAGEFAULT_FLAG_WP, UFFDIO_WRITEPROTECT,
+    UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE, UFFD_PAGEFAULT_FLAG_WP, UFFDIO_WRITEPROTECT,
     UFFDIO_WRITEPROTECT_MODE_WP, UffdioWriteprotect, ioctl, parse_messages, writeprotect_fd,
 )
 
-__all__ = ["UffdSyncTracker", "UffdAsyncTracker", "DisabledTracker", "send_fds", "recv_fds",
-           "merge_runs"]
+__all__ = ["UffdSyncTracker", "UffdAsyncTracker", "DisabledTracker", "send_fds", "recv_fds"]
 
 T = TypeVar("T")
 _READ_BATCH = 256  # messages per read(2): 8 KiB
 _SMALL_BATCH = 16  # up to this many messages: plain-Python decode and per-page release
-_PAGE_SHIFT = 12
 _FLAGS_ADDR = struct.Struct("<QQ")  # uffd_msg.arg.pagefault.{flags, address} at offset 8
 
 
@@ -64,17 +64,6 @@ def recv_fds(sock: socket.socket, maxfds: int = 4, bufsize: int = 4096) -> tuple
             os.close(fd)
         raise OSError(errno.EMSGSIZE, "SCM_RIGHTS control data truncated (too many fds)")
     return data, fds
-
-
-def merge_runs(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique pfns -> (starts, counts) of maximal contiguous runs."""
-    pfns = np.unique(np.asarray(pfns, dtype=np.int64))
-    if not len(pfns):
-        return pfns, pfns
-    brk = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = pfns[np.concatenate(([0], brk))]
-    ends = pfns[np.concatenate((brk - 1, [len(pfns) - 1]))]
-    return starts, ends - starts + 1
 
 
 class _RangeTracker:
@@ -223,7 +212,7 @@ class UffdSyncTracker(_RangeTracker):
             if data[off] != UFFD_EVENT_PAGEFAULT or not flags & UFFD_PAGEFAULT_FLAG_WP:
                 continue
             if lo <= addr < hi:
-                pfns.append((addr - lo) >> _PAGE_SHIFT)
+                pfns.append((addr - lo) >> PAGE_SHIFT)
             else:
                 foreign.append(addr & ~(PAGE_SIZE - 1))
         return pfns, foreign
@@ -235,13 +224,13 @@ class UffdSyncTracker(_RangeTracker):
                   & (msgs["flags"] & UFFD_PAGEFAULT_FLAG_WP != 0)]
         addr = wp["address"].astype(np.int64)
         inside = (addr >= lo) & (addr < hi)
-        return (((addr[inside] - lo) >> _PAGE_SHIFT).tolist(),
+        return (((addr[inside] - lo) >> PAGE_SHIFT).tolist(),
                 (addr[~inside] & ~np.int64(PAGE_SIZE - 1)).tolist())
 
     def _release(self, pfns: list[int], foreign: list[int]) -> None:
         """Clear WP (and wake) page by page; contiguous runs share one ioctl."""
         if len(pfns) > _SMALL_BATCH:
-            starts, counts = merge_runs(np.array(pfns, dtype=np.int64))
+            starts, counts = page_runs(np.array(pfns, dtype=np.int64))
             runs = zip(starts.tolist(), counts.tolist())
         else:
             runs = ((p, 1) for p in sorted(set(pfns)))
@@ -330,7 +319,7 @@ class UffdAsyncTracker(_RangeTracker):
 
     def written_since_last(self) -> np.ndarray:
         """Sorted int64 pfns written since the previous call (or arm), re-protected atomically."""
-        return ranges_to_pfns(*self.written_ranges_since_last())
+        return run_pages(*self.written_ranges_since_last())
 
     def stats(self) -> dict:
         """Counters for the JSON report."""

@@ -37,9 +37,9 @@ import trio
 from hintpipe.host import uffd as _uffd
 from hintpipe.host.guest_ram import WORDS_PER_PAGE, GuestRam
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.host.uffd import PAGE_SIZE
 from hintpipe.host.wp_backends import REAL_BACKENDS, RamHandoff, make_backend, resolve_backend
 from hintpipe.protocol.errors import ProtocolError
+from hintpipe.units import PAGE_SIZE
 
 __all__ = ["HANDOFF_MAGIC", "HANDOFF_SIZE", "RealMemoryError", "GuestRealRam", "KernelTracked",
            "send_handoff", "ReceivedRam", "receive_handoff", "check_backend", "HostRealMemory",

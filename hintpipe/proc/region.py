@@ -30,6 +30,8 @@ import os
 
 import numpy as np
 
+from hintpipe.units import align_up
+
 MAGIC = b"HPGRAM01"
 LAYOUT_VERSION = 1
 CTRL_SIZE = 4096
@@ -51,16 +53,12 @@ class RegionError(Exception):
     """The guest's memory region is unusable (bad magic, size, seals, geometry)."""
 
 
-def _align(n: int, a: int = 4096) -> int:
-    return (n + a - 1) & ~(a - 1)
-
-
 def region_layout(page_count: int) -> tuple[int, int, int, int]:
     """``(versions, protect, free, total)`` byte offsets of a region for ``page_count`` pages."""
     v = VERSIONS_OFFSET
-    p = v + _align(4 * page_count)
-    f = p + _align(page_count)
-    return v, p, f, f + _align(page_count)
+    p = v + align_up(4 * page_count)
+    f = p + align_up(page_count)
+    return v, p, f, f + align_up(page_count)
 
 
 class SharedRegion:

@@ -13,14 +13,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+# the page size and the guest size limit are the spec's too (section 1, section 3): re-exported here
+from hintpipe.units import MAX_PAGE_COUNT, PAGE_SIZE
+
 PROTOCOL_VERSION = 1
 """The only version v1 peers speak."""
-PAGE_SIZE = 4096
-"""Bytes per page; a pfn is a 4 KiB page frame number and npages counts 4 KiB pages."""
 MAX_FRAME_PAYLOAD = 1 << 20
 """Largest payload (bytes after the 4-byte length prefix) a receiver accepts: 1 MiB."""
-MAX_PAGE_COUNT = 1 << 40
-"""Largest guest size in pages (4 PiB): keeps every start + npages far below 2**64."""
 MAX_WINDOW = 4096
 """Largest Hints window (un-acked Hints frames in flight)."""
 MAX_RANGES_PER_BATCH = 4096

@@ -13,6 +13,8 @@ import msgpack
 import numpy as np
 import zstandard
 
+from hintpipe.units import MAX_ORDER, MAX_PAGE_COUNT, PAGE_SIZE
+
 from .errors import TraceError
 from .events import COLUMNS, EventBatch
 from .stream import iter_zstd_fileobj
@@ -38,7 +40,7 @@ def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16) -> dict:
         "type": "header",
         "magic": "hintpipe-trace",
         "version": VERSION,
-        "page_size": 4096,
+        "page_size": PAGE_SIZE,
         "page_count": trace.page_count,
         "source": {k: v for k, v in trace.source.items() if isinstance(v, str)},
         "initial_free": {"encoding": "bitmap-le", "data": _pack_bitmap(trace.initial_free)},
@@ -115,7 +117,7 @@ def _header_to_trace(h: dict, path: Path):
         raise TraceError("format", f"unsupported version {h.get('version')!r} (this reader knows {VERSION})", sp)
     n = h.get("page_count")
     init = h.get("initial_free") or {}
-    if not isinstance(n, int) or n <= 0 or n > 1 << 40:
+    if not isinstance(n, int) or n <= 0 or n > MAX_PAGE_COUNT:
         raise TraceError("format", f"bad page_count {n!r}", sp)
     if init.get("encoding") != "bitmap-le" or not isinstance(init.get("data"), bytes) or len(init["data"]) != (n + 7) // 8:
         raise TraceError("format", "initial_free must be a little-endian bitmap of page_count bits", sp)
@@ -159,7 +161,7 @@ def iter_v1_batches(path: str | Path, page_count: int) -> Iterator[EventBatch]:
                 raise TraceError("format", f"column {k} of the batch at event {total} has the wrong size", sp)
             cols[k] = np.frombuffer(b, dt)
         batch = EventBatch(**cols)
-        if n and ((batch.etype > 4).any() or (batch.order > 10).any()):
+        if n and ((batch.etype > 4).any() or (batch.order > MAX_ORDER).any()):
             raise TraceError("format", f"unknown event type or order > 10 in the batch at event {total}", sp)
         if n:
             end = batch.pfn + (np.uint64(1) << batch.order.astype(np.uint64))

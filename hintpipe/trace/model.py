@@ -39,8 +39,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from hintpipe.units import NR_ORDERS, block_pages, order_pages, run_pages
+
 from .events import EventBatch, EventType
-from .snapshot import MAX_ORDER, NR_ORDERS, decompose
+from .snapshot import decompose
 
 PAGE_ALLOC_COSTLY_ORDER = 3
 HPAGE_PMD_ORDER = 9  # x86-64 THP order; its frees also go through the pcp lists
@@ -56,21 +58,10 @@ def pcp_allowed_order(order: np.ndarray, thp_order: int | None = HPAGE_PMD_ORDER
     return ok
 
 
-def expand_pages(pfn: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Expand blocks to pages: returns (pages int64, index of the block each page came from)."""
-    if not order.any():  # all single pages: the common case, no expansion needed
-        return pfn.astype(np.int64), np.arange(len(pfn))
-    sizes = np.left_shift(1, order.astype(np.int64))
-    idx = np.repeat(np.arange(len(pfn)), sizes)
-    first = np.cumsum(sizes) - sizes
-    pages = pfn.astype(np.int64)[idx] + (np.arange(len(idx)) - first[idx])
-    return pages, idx
-
-
 def effect_table(thp_order: int | None = HPAGE_PMD_ORDER) -> np.ndarray:
     """int8[event type, order]: +1 the block becomes buddy-free, -1 it stops being, 0 no change."""
-    orders = np.arange(MAX_ORDER + 1)
-    tab = np.zeros((len(EventType), MAX_ORDER + 1), np.int8)
+    orders = np.arange(NR_ORDERS)
+    tab = np.zeros((len(EventType), NR_ORDERS), np.int8)
     tab[EventType.ALLOC] = -1
     tab[EventType.ALLOC_ZONE_LOCKED] = -1
     tab[EventType.PCPU_DRAIN] = 1
@@ -173,7 +164,7 @@ class ReplayModel:
         return s[keep]
 
     def _assign_pages(self, pfn: np.ndarray, order: np.ndarray, val: np.ndarray) -> None:
-        pages, idx = expand_pages(pfn, order)
+        pages, idx = run_pages(pfn, order_pages(order), return_index=True)
         self.free_mask[pages] = val[idx]  # repeated pages: the last event wins (sequential order)
 
     def _assign(self, pfn: np.ndarray, order: np.ndarray, val: np.ndarray) -> None:
@@ -207,9 +198,9 @@ class ReplayModel:
             return e, e
         eff = self._effects[batch.etype, batch.order]
         al = np.flatnonzero(batch.etype == _ALLOC)
-        allocated = self._unique(expand_pages(batch.pfn[al], batch.order[al])[0]) if len(al) else np.empty(0, np.int64)
+        allocated = self._unique(block_pages(batch.pfn[al], batch.order[al])) if len(al) else np.empty(0, np.int64)
         plus = np.flatnonzero(eff > 0)
-        cand = expand_pages(batch.pfn[plus], batch.order[plus])[0] if len(plus) else np.empty(0, np.int64)
+        cand = block_pages(batch.pfn[plus], batch.order[plus]) if len(plus) else np.empty(0, np.int64)
         before = self.free_mask[cand]
         act = np.flatnonzero(eff != 0)
         self._assign(batch.pfn[act], batch.order[act], eff[act] > 0)
@@ -265,7 +256,7 @@ class ReplayModel:
             view = self.free_mask[: m << k].reshape(m, 1 << k)
             out[sel[aligned]] = view[p[aligned] >> k].all(axis=1)
             if (~aligned).any():
-                pages, idx = expand_pages(p[~aligned], np.full((~aligned).sum(), k))
+                pages, idx = run_pages(p[~aligned], np.full((~aligned).sum(), 1 << k), return_index=True)
                 bad = np.zeros(int((~aligned).sum()), bool)
                 np.logical_or.at(bad, idx, ~self.free_mask[pages])
                 out[sel[~aligned]] = ~bad

@@ -29,11 +29,12 @@ from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
 from hintpipe.host.writeprotect import SimWriteProtect
 from hintpipe.sim import drive_migration, migration_report
+from hintpipe.units import NR_ORDERS
 
 from .events import EventBatch
 from .model import ReplayModel
 from .recording import Trace
-from .snapshot import NR_ORDERS, decompose
+from .snapshot import decompose
 
 
 class ReplayUsageError(ValueError):

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from hintpipe.units import MAX_ORDER, NR_ORDERS
+
 from .errors import TraceError
 from .stream import iter_raw
 
 KPF_BUDDY = 10
 """Bit of /proc/kpageflags set on pages that sit in a buddy free list (include/uapi/linux/kernel-page-flags.h)."""
-MAX_ORDER = 10
-NR_ORDERS = MAX_ORDER + 1
 
 
 def read_kpageflags_buddy(path: str | Path) -> np.ndarray:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hintpipe.units import NR_ORDERS, PAGE_SIZE
+
 from .events import EVENT_NAMES, EventType
 from .recording import open_trace
-from .snapshot import NR_ORDERS, count_by_order
+from .snapshot import count_by_order
 
 
 def inspect(path: str | Path, samples: int = 50, skip_bad: bool = False) -> dict:
@@ -59,7 +61,7 @@ def inspect(path: str | Path, samples: int = 50, skip_bad: bool = False) -> dict
 
 def render_text(info: dict, width: int = 50) -> str:
     """Human-readable rendering of :func:`inspect`'s dict (with a small free-memory sparkline)."""
-    mib = 4096 / (1 << 20)
+    mib = PAGE_SIZE / (1 << 20)
     lines = [f"trace {info['path']} ({info['kind']}), {info['page_count']} pages "
              f"({info['page_count'] * mib:.0f} MiB)"]
     if info["source"].get("workload"):

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TraceError
+from hintpipe.units import MAX_ORDER
+
 from .events import COLUMNS, EVENT_NAMES, NAME_TO_TYPE, EventBatch, EventType
 from .stream import iter_line_chunks_threaded
 
 NL, SPACE = 10, 32
 ANCHOR = b": mm_page_"
-MAX_ORDER = 10  # MAX_PAGE_ORDER on x86-64 (4 MiB blocks)
 
 # ": <name>: page=" per event type, then a 16-character pointer and " pfn=0x".
 _HEADS = {t: b": " + EVENT_NAMES[t].encode() + b": page=" for t in EventType}
