@@ -2,7 +2,7 @@
 
 Not a test. Every real measurement runs on a memfd that was touched first (warm); cold first
 touch is reported apart. The fault handler is the one the migration uses
-(``HostPageState.on_written`` behind the backend adapters of ``hintpipe.host.wp_backends``).
+(``HostPageState.on_written`` behind the backend adapters of ``hintpipe.wp``).
 
     python bench/bench_wp_rate.py [--pages 262144] [--faults 100000] [--json]
 
@@ -34,13 +34,15 @@ import time
 
 import numpy as np
 
-from hintpipe.host import uffd as u
-from hintpipe.host.guest_ram import GuestRam
+import hintpipe.wp as backends
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.memfd import GuestRam
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.host.wp_backends import AsyncUffdBackend, SyncUffdBackend
-from hintpipe.host.wp_real import recv_fds
-from hintpipe.host.writeprotect import SimWriteProtect
-from hintpipe.realmem import write_pages_nogil
+from hintpipe.wp.uffd_async import AsyncUffdBackend
+from hintpipe.wp.uffd_sync import SyncUffdBackend
+from hintpipe.linux.fdpass import recv_fds
+from hintpipe.wp.sim import SimWriteProtect
+from hintpipe.linux.memfd import write_pages_nogil
 
 PAGE = 4096
 
@@ -131,9 +133,9 @@ def bench_sync_inproc(n: int, k: int) -> dict:
 
 _CHILD = r'''
 import ctypes, os, socket, struct, sys, threading, time
-from hintpipe.host import uffd as u
-from hintpipe.host.guest_ram import GuestRam
-from hintpipe.host.wp_real import send_fds
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.memfd import GuestRam
+from hintpipe.linux.fdpass import send_fds
 sock = socket.socket(fileno=int(sys.argv[1])); n, k, nth = map(int, sys.argv[2:5])
 ram = GuestRam(n); ram.touch()
 uffd = u.register_wp(ram.addr, ram.size, "uffd")
@@ -233,7 +235,7 @@ def main() -> None:
     res: dict = {"pages": n, "faults": k, "sim": bench_sim(n, k)}
     for name, fn in (("uffd", lambda: bench_sync_inproc(n, k)), ("uffd_async", lambda: bench_async(n, k))):
         try:
-            u.probe("uffd" if name == "uffd" else "uffd-async")
+            backends.probe("uffd" if name == "uffd" else "uffd-async")
         except u.UffdUnavailable as e:
             res[name] = {"unavailable": e.reason}
             continue

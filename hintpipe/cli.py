@@ -114,8 +114,8 @@ def format_summary(rep: dict) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from hintpipe.host.uffd import UffdUnavailable
     from hintpipe.sim import run_sim
+    from hintpipe.wp import UffdUnavailable
 
     try:
         cfg = replace(sim_config_from(args), memory=args.memory, wp=args.wp)
@@ -218,8 +218,7 @@ def cmd_guest(args: argparse.Namespace) -> int:
     import trio
 
     from hintpipe.proc.guest import GuestOptions, guest_main
-
-    from hintpipe.host.uffd import UffdUnavailable
+    from hintpipe.wp import UffdUnavailable
 
     opts = GuestOptions(address=_address_from(args.connect), cfg=_paired_config(args, guest=True),
                         name=args.name, secret=_secret_from(args), connect_timeout_s=args.connect_timeout)
@@ -274,9 +273,8 @@ def _paired_config(args: argparse.Namespace, *, guest: bool):
     """
     from dataclasses import replace
 
-    from hintpipe.host.uffd import UffdUnavailable
-    from hintpipe.host.wp_backends import resolve_backend
     from hintpipe.proc.realmode import TCP_REFUSAL
+    from hintpipe.wp import UffdUnavailable, resolve_backend
 
     addr = _address_from(args.connect if guest else args.listen)
     if args.memory == "real" and addr.kind == "tcp":

@@ -17,7 +17,7 @@ import trio.testing
 
 from hintpipe.channel.inproc import inproc_pair
 from hintpipe.guest.buddy import BuddyAllocator
-from hintpipe.guest.memory import GuestMemory
+from hintpipe.guest.memory import GuestMemory, RealGuestMemory
 from hintpipe.guest.producer import MigrationFailed, Producer
 from hintpipe.guest.walker import FreeListWalker
 from hintpipe.guest.workload import Workload, WorkloadConfig
@@ -25,10 +25,10 @@ from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationConfig, MigrationEngine, MigrationResult
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
-from hintpipe.host.wp_backends import REAL_BACKENDS, WP_CHOICES, make_backend, resolve_backend
-from hintpipe.realmem import RealGuestMemory, RealMachine
+from hintpipe.realmem import RealMachine
 from hintpipe.protocol import MAX_RANGES_PER_BATCH
 from hintpipe.units import PAGE_SIZE
+from hintpipe.wp import REAL_BACKENDS, WP_CHOICES, make_backend, resolve_backend
 
 RACE_MODES = ("detect", "isolate")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hintpipe.host.guest_ram import GuestRam, page_pattern, verify_words
+from hintpipe.linux.memfd import GuestRam, page_pattern, verify_words
 
 
 def test_pattern_header_and_uniqueness():

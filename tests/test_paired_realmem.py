@@ -20,9 +20,10 @@ import time
 import pytest
 import trio
 
+import hintpipe.wp as backends
 from hintpipe import cli
-from hintpipe.host import uffd as u
-from hintpipe.host.wp_backends import RamHandoff
+from hintpipe.linux import userfaultfd as u
+from hintpipe.proc.realmode import RamHandoff
 from hintpipe.proc.realmode import (
     HANDOFF_MAGIC, GuestRealRam, RealMemoryError, TCP_REFUSAL, check_backend, receive_handoff,
     send_handoff,
@@ -35,7 +36,7 @@ TIMEOUT_S = 120
 
 def _need(backend: str) -> None:
     try:
-        u.probe(backend)
+        backends.probe(backend)
     except u.UffdUnavailable as e:
         pytest.skip(f"{backend} unavailable here: {e.reason}")
 
@@ -126,7 +127,7 @@ def test_unavailable_backend_exits_2_with_one_sentence(command, monkeypatch, cap
     def probe(backend="uffd"):
         raise u.UffdUnavailable("userfaultfd is blocked by seccomp (simulated)")
 
-    monkeypatch.setattr(u, "probe", probe)
+    monkeypatch.setattr(backends, "probe", probe)
     where = ["--connect"] if command == "guest" else ["--listen"]
     rc = cli.main([command, *where, f"unix:{tmp_path}/never.sock", "--memory", "real", "--wp", "uffd-async"])
     err = capsys.readouterr().err.strip()
@@ -139,7 +140,7 @@ def test_auto_falls_back_to_sim_when_nothing_real_works(monkeypatch):
     def probe(backend="uffd"):
         raise u.UffdUnavailable("no userfaultfd (simulated)")
 
-    monkeypatch.setattr(u, "probe", probe)
+    monkeypatch.setattr(backends, "probe", probe)
     assert cli._paired_config(cli.build_parser().parse_args(
         ["guest", "--connect", "unix:/x", "--memory", "real", "--wp", "auto"]), guest=True).wp == "sim"
 

@@ -12,16 +12,17 @@ import json
 import numpy as np
 import pytest
 
+import hintpipe.wp as backends
 from hintpipe.cli import main
+from hintpipe.guest.memory import RealGuestMemory
 from hintpipe.guest.workload import WorkloadConfig
-from hintpipe.host import uffd as u
-from hintpipe.host import wp_backends
-from hintpipe.host.guest_ram import verify_words
 from hintpipe.host.migration import MigrationConfig, MigrationEngine
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.host.wp_backends import make_backend, resolve_backend
-from hintpipe.realmem import RealGuestMemory, RealMachine, write_pages_nogil
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.memfd import verify_words, write_pages_nogil
+from hintpipe.realmem import RealMachine
 from hintpipe.sim import SimConfig, migrate_guest, run_sim
+from hintpipe.wp import make_backend, resolve_backend
 
 SMALL = 1 << 13      # 32 MiB guest for whole migrations
 TINY = 1024          # 4 MiB for single-write tests
@@ -29,9 +30,9 @@ BACKENDS = ("sim", "uffd", "uffd-async")
 
 
 def _need(backend: str) -> None:
-    if backend in wp_backends.REAL_BACKENDS:
+    if backend in backends.REAL_BACKENDS:
         try:
-            u.probe(backend)
+            backends.probe(backend)
         except u.UffdUnavailable as e:
             pytest.skip(f"{backend} unavailable on this kernel: {e.reason}")
 
@@ -182,9 +183,9 @@ async def test_tracking_off_in_real_memory_loses_pages(autojump_clock):
 
 def test_auto_picks_the_best_working_backend_and_reports_it():
     expect = "sim"
-    for name in wp_backends.AUTO_ORDER:
+    for name in backends.AUTO_ORDER:
         try:
-            u.probe(name)
+            backends.probe(name)
             expect = name
             break
         except u.UffdUnavailable:
@@ -195,14 +196,14 @@ def test_auto_picks_the_best_working_backend_and_reports_it():
 
 
 def test_auto_falls_to_next_backend_when_one_is_missing(monkeypatch):
-    real_probe = u.probe
+    real_probe = backends.probe
 
     def probe(backend="uffd"):
         if backend == "uffd-async":
             raise u.UffdUnavailable("the kernel's userfaultfd lacks asynchronous write-protect")
         return real_probe(backend)
 
-    monkeypatch.setattr(u, "probe", probe)
+    monkeypatch.setattr(backends, "probe", probe)
     _need("uffd")
     assert resolve_backend("auto", "real") == "uffd"
     assert resolve_backend("auto", "sim") == "sim"
@@ -212,7 +213,7 @@ def test_missing_backend_asked_by_name_exits_2_with_one_sentence(monkeypatch, ca
     def probe(backend="uffd"):
         raise u.UffdUnavailable("userfaultfd is not permitted (EPERM)")
 
-    monkeypatch.setattr(u, "probe", probe)
+    monkeypatch.setattr(backends, "probe", probe)
     code = main(["demo", "--memory", "real", "--wp", "uffd-async", "--size", "4M", "--json"])
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 
 import hintpipe
-from hintpipe.host import uffd as u
-from hintpipe.host.guest_ram import GuestRam, verify_words
+import hintpipe.wp as backends
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.memfd import GuestRam, verify_words
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.host.wp_backends import RamHandoff, make_backend
-from hintpipe.host.wp_real import recv_fds
+from hintpipe.proc.realmode import RamHandoff
+from hintpipe.wp import make_backend
+from hintpipe.linux.fdpass import recv_fds
 from hintpipe.protocol.errors import ProtocolError
 
 N = 256
@@ -32,11 +34,11 @@ TIMEOUT_S = 20
 CHILD = r"""
 import os, socket, struct, sys
 import numpy as np
-from hintpipe.host import uffd as u
-from hintpipe.host.guest_ram import GuestRam
-from hintpipe.host.wp_backends import RamHandoff
-from hintpipe.host.wp_real import send_fds
-from hintpipe.realmem import write_pages_nogil
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.memfd import GuestRam
+from hintpipe.proc.realmode import RamHandoff
+from hintpipe.linux.fdpass import send_fds
+from hintpipe.linux.memfd import write_pages_nogil
 
 sock = socket.socket(fileno=int(sys.argv[1]))
 backend, n = sys.argv[2], int(sys.argv[3])
@@ -57,7 +59,7 @@ while True:
 
 def _need(backend: str) -> None:
     try:
-        u.probe(backend)
+        backends.probe(backend)
     except u.UffdUnavailable as e:
         pytest.skip(f"{backend} unavailable on this kernel: {e.reason}")
 

@@ -7,14 +7,16 @@ import os
 import numpy as np
 import pytest
 
-from hintpipe.host import pagemap as pm
-from hintpipe.host import uffd as u
-from hintpipe.host.guest_ram import GuestRam
+import hintpipe.wp as backends
+from hintpipe.linux import pagemap as pm
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.ioctl import ioc, ioctl
+from hintpipe.linux.memfd import GuestRam
 
 
 def _need(backend: str) -> dict:
     try:
-        return u.probe(backend)
+        return backends.probe(backend)
     except u.UffdUnavailable as e:
         pytest.skip(f"{backend} unavailable on this kernel: {e.reason}")
 
@@ -47,9 +49,9 @@ def test_api_with_wrong_ioctl_number_is_rejected():
     """A request number encoding the wrong struct size is not UFFDIO_API for the kernel."""
     fd, _ = u.open_uffd()
     try:
-        bad = u.ioc(3, 0xAA, 0x3F, 16)
+        bad = ioc(3, 0xAA, 0x3F, 16)
         with pytest.raises(OSError) as ei:
-            u.ioctl(fd, bad, u.UffdioApi(api=u.UFFD_API))
+            ioctl(fd, bad, u.UffdioApi(api=u.UFFD_API))
         assert ei.value.errno in (errno.ENOTTY, errno.EINVAL)
         # the right number still works afterwards on the same fd
         assert u.Userfaultfd(fd).api(0) & u.UFFD_FEATURE_PAGEFAULT_FLAG_WP
@@ -91,7 +93,7 @@ def test_probe_names_backend_and_features():
 
 def test_probe_rejects_unknown_backend():
     with pytest.raises(ValueError):
-        u.probe("sim")
+        backends.probe("sim")
 
 
 def test_parse_messages():
@@ -123,6 +125,6 @@ def test_pagemap_scan_wrong_size_is_einval():
     with GuestRam(1) as ram, pm.PagemapScanner() as sc:
         arg = pm.PmScanArg(size=95, start=ram.addr, end=ram.addr + 4096)
         with pytest.raises(OSError) as ei:
-            u.ioctl(sc.fd, pm.PAGEMAP_SCAN, arg)
+            ioctl(sc.fd, pm.PAGEMAP_SCAN, arg)
         assert ei.value.errno == errno.EINVAL
 

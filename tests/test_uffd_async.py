@@ -5,10 +5,11 @@ import os
 import numpy as np
 import pytest
 
-from hintpipe.host import pagemap as pm
-from hintpipe.host import uffd as u
-from hintpipe.host.guest_ram import GuestRam
-from hintpipe.host.wp_real import UffdAsyncTracker
+import hintpipe.wp as backends
+from hintpipe.linux import pagemap as pm
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.memfd import GuestRam
+from hintpipe.wp.uffd_async import UffdAsyncTracker
 
 N = 256
 
@@ -16,7 +17,7 @@ N = 256
 @pytest.fixture
 def setup():
     try:
-        u.probe("uffd-async")
+        backends.probe("uffd-async")
     except u.UffdUnavailable as e:
         pytest.skip(f"uffd-async unavailable on this kernel: {e.reason}")
     ram = GuestRam(N)

@@ -5,9 +5,10 @@ import threading
 import numpy as np
 import pytest
 
-from hintpipe.host import uffd as u
-from hintpipe.host.guest_ram import GuestRam
-from hintpipe.host.wp_real import UffdSyncTracker
+import hintpipe.wp as backends
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.memfd import GuestRam
+from hintpipe.wp.uffd_sync import UffdSyncTracker
 
 N = 64
 JOIN_S = 10  # a hang (a writer never woken) fails the test instead of blocking the suite
@@ -16,7 +17,7 @@ JOIN_S = 10  # a hang (a writer never woken) fails the test instead of blocking 
 @pytest.fixture
 def setup():
     try:
-        u.probe("uffd")
+        backends.probe("uffd")
     except u.UffdUnavailable as e:
         pytest.skip(f"uffd (sync) unavailable on this kernel: {e.reason}")
     ram = GuestRam(N)
@@ -90,7 +91,7 @@ def test_unprotected_writes_are_missed(setup):
 
 def test_callback_error_still_wakes_writer_and_is_reraised():
     try:
-        u.probe("uffd")
+        backends.probe("uffd")
     except u.UffdUnavailable as e:
         pytest.skip(f"uffd (sync) unavailable on this kernel: {e.reason}")
     with GuestRam(4) as ram:

@@ -22,7 +22,6 @@ session answers with an Error frame and closes. Layout: ``protocols/wire-v1.md``
 
 from __future__ import annotations
 
-import array
 import fcntl
 import mmap
 import os
@@ -36,6 +35,8 @@ import trio
 
 from hintpipe.channel.virtqueue import QueueFull, RingLayout, SlotPool, SplitVirtqueue, VirtqueueError
 from hintpipe.protocol import ErrorCode, ProtocolError
+from hintpipe.linux.fdpass import anon_inode_name, received_fds, scm_rights
+from hintpipe.linux.memfd import sealed_memfd
 from hintpipe.units import align_up
 
 SETUP_MAGIC = b"HPSHM001"
@@ -69,13 +70,6 @@ def ring_layout(size: int, slot: int) -> dict:
     b_slots = b_ring + align_up(ring)
     return {"a_ring": a_ring, "a_slots": a_slots, "b_ring": b_ring, "b_slots": b_slots,
             "total": b_slots + align_up(size * slot)}
-
-
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
 
 
 class ShmEndpoint:
@@ -272,19 +266,17 @@ async def open_shm_guest(control, ram_fds: list[int], *, size: int = 256, slot: 
                          event_idx: bool = True, timeout_s: float = 10.0) -> AsyncIterator[ShmEndpoint]:
     """Guest: create the ring and doorbells, send them (and ``ram_fds``) to the host, wait for OK."""
     lay = ring_layout(size, slot)
-    ring_fd = os.memfd_create("hintpipe-shm-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    ring_fd = sealed_memfd(lay["total"], "hintpipe-shm-ring")
     efds = {k: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for k in ("a_kick", "a_irq", "b_kick", "b_irq")}
     ep = None
     try:
-        os.ftruncate(ring_fd, lay["total"])
-        fcntl.fcntl(ring_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         with mmap.mmap(ring_fd, HEADER_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as hdr:
             hdr[0:8] = RING_MAGIC
             hdr[8:24] = struct.pack("<IIII", 1, size, slot, FLAG_EVENT_IDX if event_idx else 0)
         fds = [ring_fd, efds["a_kick"], efds["a_irq"], efds["b_kick"], efds["b_irq"], *ram_fds]
         msg = SETUP.pack(SETUP_MAGIC, 1, size, slot, FLAG_EVENT_IDX if event_idx else 0)
         with trio.fail_after(timeout_s):
-            await control.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            await control.sendmsg([msg], [scm_rights(fds)])
             reply = await control.recv(4096)
         if reply[:8] != SETUP_OK:
             text = reply[8:].decode(errors="replace") if reply[:8] == SETUP_ERR else "no answer"
@@ -325,12 +317,7 @@ async def open_shm_host(control, *, timeout_s: float = 10.0) -> AsyncIterator[Sh
         await _refuse(control, [], "no shm setup message within the handshake timeout")
     except OSError as e:
         await _refuse(control, [], f"control socket failed: {e}")
-    fds: list[int] = []
-    for level, typ, payload in anc:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(payload[: len(payload) - len(payload) % 4])
-            fds.extend(got)
+    fds = received_fds(anc)
     if flags & socket.MSG_CTRUNC or len(fds) != NFDS:
         await _refuse(control, fds, f"setup must carry exactly {NFDS} file descriptors, got {len(fds)}")
     if len(data) != SETUP.size:
@@ -343,7 +330,7 @@ async def open_shm_host(control, *, timeout_s: float = 10.0) -> AsyncIterator[Sh
     if not (4096 <= slot <= MAX_SLOT and slot % 8 == 0):
         await _refuse(control, fds, f"slot size {slot} outside 4096..{MAX_SLOT} or not a multiple of 8")
     ring_fd, a_kick, a_irq, b_kick, b_irq, ram_fd = fds
-    if not all(_is_eventfd(fd) for fd in (a_kick, a_irq, b_kick, b_irq)):
+    if not all(anon_inode_name(fd) == "eventfd" for fd in (a_kick, a_irq, b_kick, b_irq)):
         await _refuse(control, fds, "doorbell descriptors must be eventfds")
     try:
         seals = fcntl.fcntl(ring_fd, fcntl.F_GET_SEALS)

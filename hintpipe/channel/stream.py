@@ -15,7 +15,6 @@ first write (the bytes of ``Hello``), and the host collects fds from every read.
 
 from __future__ import annotations
 
-import array
 import errno
 import hashlib
 import hmac
@@ -29,6 +28,7 @@ from typing import AsyncIterator
 import trio
 
 from hintpipe.channel.address import Address
+from hintpipe.linux.fdpass import received_fds, scm_rights
 
 READ_SIZE = 256 * 1024
 """Bytes asked for per receive."""
@@ -130,7 +130,7 @@ class StreamEndpoint:
                 chunk = bytes(self._buf[:COALESCE_MAX])
                 if self._first_fds:
                     fds, self._first_fds = self._first_fds, []
-                    n = await self.sock.sendmsg([chunk], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    n = await self.sock.sendmsg([chunk], [scm_rights(fds)])
                 else:
                     n = await self.sock.send(chunk)
                 del self._buf[:n]
@@ -163,16 +163,11 @@ class StreamEndpoint:
         return data
 
     def _take_fds(self, anc, flags: int) -> None:
-        for level, typ, payload in anc:
-            if level != socket.SOL_SOCKET or typ != socket.SCM_RIGHTS:
-                continue
-            fds = array.array("i")
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            for fd in fds:
-                if len(self.received_fds) < MAX_FDS and not flags & socket.MSG_CTRUNC:
-                    self.received_fds.append(fd)
-                else:
-                    os.close(fd)
+        for fd in received_fds(anc):
+            if len(self.received_fds) < MAX_FDS and not flags & socket.MSG_CTRUNC:
+                self.received_fds.append(fd)
+            else:
+                os.close(fd)
 
     def take_fds(self) -> list[int]:
         """Hand over the fds received so far (the caller closes them)."""

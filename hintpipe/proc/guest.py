@@ -18,16 +18,18 @@ import trio
 from hintpipe.channel.address import Address
 from hintpipe.channel.stream import auth_client, connect, open_stream_endpoint
 from hintpipe.guest.buddy import BuddyAllocator
-from hintpipe.guest.memory import GuestMemory
+from hintpipe.guest.memory import GuestMemory, RealGuestMemory
 from hintpipe.guest.producer import MigrationFailed, Producer
 from hintpipe.guest.walker import FreeListWalker
 from hintpipe.guest.workload import Workload
 from hintpipe.guest.zonelock import ZoneLock
-from hintpipe.proc.control import SharedWriteProtect, guest_control_loop
+from hintpipe.proc.control import guest_control_loop
 from hintpipe.proc.mirror import MirroredRegion, RecordEndpoint
-from hintpipe.proc.realmode import TCP_REFUSAL, GuestRealRam, KernelTracked, send_handoff
+from hintpipe.proc.realmode import TCP_REFUSAL, GuestRealRam, send_handoff
 from hintpipe.proc.region import SharedRegion
 from hintpipe.sim import SimConfig
+from hintpipe.wp.base import UNTRACKED, GatedTracker
+from hintpipe.wp.shared import SharedWriteProtect
 
 
 @dataclass
@@ -119,8 +121,6 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
         region.free[:] = alloc.free_mask
         alloc.free_mask = region.free  # the allocator now keeps its free mask in shared memory
         if real is not None:  # page bytes in the RAM memfd; versions stay private (the host reads bytes)
-            from hintpipe.realmem import RealGuestMemory
-
             memory = RealGuestMemory(real.ram)
         else:
             memory = GuestMemory(n)
@@ -139,8 +139,9 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
             # sim: faults over the link (protect bytes); uffd/uffd-async: the kernel faults the
             # store itself; off: nothing tracks writes (the oracle must then find lost pages)
             real_wp = real.backend if real is not None else cfg.wp
+            tracker: GatedTracker
             if real_wp in ("uffd", "uffd-async", "off"):
-                tracker = KernelTracked()
+                tracker = UNTRACKED
             else:
                 tracker = SharedWriteProtect(region, producer.fault)
             memory.tracker = tracker

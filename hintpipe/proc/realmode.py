@@ -1,6 +1,6 @@
 """Real guest memory in paired processes (``hintpipe guest|host --memory real``).
 
-The guest's RAM is a sealed memfd holding real page bytes (:class:`~hintpipe.host.guest_ram.GuestRam`
+The guest's RAM is a sealed memfd holding real page bytes (:class:`~hintpipe.linux.memfd.GuestRam`
 patterns); the control page, free mask and stats stay in the :class:`~hintpipe.proc.region.SharedRegion`
 as in simulated mode. Who does what (normative text: ``protocols/wire-v1.md`` section 11.5):
 
@@ -10,20 +10,19 @@ as in simulated mode. Who does what (normative text: ``protocols/wire-v1.md`` se
 * Right after connecting, before anything else on the socket (before ``Hello`` on ``unix:``,
   before the shm setup message on ``shm:``, whose control socket is also a unix socket), the guest
   sends one *RAM handoff* message: 8 bytes :data:`HANDOFF_MAGIC` + the 40-byte
-  :class:`~hintpipe.host.wp_backends.RamHandoff`, carrying ``[ram memfd]`` or ``[ram memfd, uffd]``
+  :class:`RamHandoff`, carrying ``[ram memfd]`` or ``[ram memfd, uffd]``
   with SCM_RIGHTS. Then it closes its own uffd copy: if the host dies, the last reference goes with
   it, the kernel unregisters the range and no guest writer stays blocked.
 * The *host* validates everything (the pid must be the socket peer's, the memfd must be sealed
   against shrinking and large enough, the uffd must be a userfaultfd), checks the guest's backend
   against its own ``--wp`` (``auto`` accepts the guest's choice, anything else must match) and
-  builds the backend (:func:`~hintpipe.host.wp_backends.make_backend`).
+  builds the backend (:func:`~hintpipe.wp.make_backend`).
 
 ``tcp:`` cannot carry file descriptors, so ``--memory real`` is refused there.
 """
 
 from __future__ import annotations
 
-import array
 import fcntl
 import os
 import socket
@@ -34,21 +33,61 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from hintpipe.host import uffd as _uffd
-from hintpipe.host.guest_ram import WORDS_PER_PAGE, GuestRam
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.host.wp_backends import REAL_BACKENDS, RamHandoff, make_backend, resolve_backend
-from hintpipe.protocol.errors import ProtocolError
-from hintpipe.units import PAGE_SIZE
+from hintpipe.linux.fdpass import peer_pid, received_fds, scm_rights
+from hintpipe.linux.memfd import WORDS_PER_PAGE, GuestRam, sealed_memfd
+from hintpipe.linux.userfaultfd import Userfaultfd, is_userfaultfd, register_wp
+from hintpipe.protocol.errors import ErrorCode, ProtocolError
+from hintpipe.units import MAX_PAGE_COUNT, PAGE_SIZE
+from hintpipe.wp import REAL_BACKENDS, make_backend, resolve_backend
+from hintpipe.wp.base import WpBackend
 
-__all__ = ["HANDOFF_MAGIC", "HANDOFF_SIZE", "RealMemoryError", "GuestRealRam", "KernelTracked",
+__all__ = ["HANDOFF_MAGIC", "HANDOFF_SIZE", "RamHandoff", "RealMemoryError", "GuestRealRam",
            "send_handoff", "ReceivedRam", "receive_handoff", "check_backend", "HostRealMemory",
            "TCP_REFUSAL"]
 
+_HANDOFF = struct.Struct("<QQQ16s")
+
+
+@dataclass(frozen=True)
+class RamHandoff:
+    """The data that rides with the guest's ``[memfd, uffd]`` fds over SCM_RIGHTS.
+
+    ``addr``: the guest's virtual address of its RAM mapping (uffd ranges and PAGEMAP_SCAN
+    addresses are in the guest's address space); ``pid``: the guest process (for
+    ``/proc/PID/pagemap``); ``page_count``; ``backend``: the resolved ``--wp`` the uffd was
+    created for ("uffd" or "uffd-async"; "sim"/"off" send only the memfd).
+    """
+
+    addr: int
+    pid: int
+    page_count: int
+    backend: str
+
+    def to_bytes(self) -> bytes:
+        """Fixed 40-byte little-endian encoding."""
+        return _HANDOFF.pack(self.addr, self.pid, self.page_count, self.backend.encode())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "RamHandoff":
+        """Decode and check untrusted bytes from the guest; ProtocolError(BAD_FIELD) if wrong."""
+        if len(data) != _HANDOFF.size:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"RAM handoff is {len(data)} bytes, expected {_HANDOFF.size}")
+        addr, pid, pages, raw = _HANDOFF.unpack(data)
+        try:
+            backend = raw.rstrip(b"\0").decode("ascii")
+        except UnicodeDecodeError:
+            backend = "?"
+        if backend not in ("sim", "off") + REAL_BACKENDS:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"RAM handoff names unknown backend {backend!r}")
+        if addr == 0 or addr % PAGE_SIZE or not 0 < pages <= MAX_PAGE_COUNT or not 0 < pid < 1 << 31:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "RAM handoff has a bad address, page count or pid")
+        return cls(addr, pid, pages, backend)
+
+
 HANDOFF_MAGIC = b"HPRAM\x00\x01\x00"
 """First 8 bytes of the RAM handoff message ("HPRAM", NUL, version 1, NUL)."""
-_RAM_HANDOFF_SIZE = len(RamHandoff(PAGE_SIZE, 1, 1, "sim").to_bytes())
-HANDOFF_SIZE = len(HANDOFF_MAGIC) + _RAM_HANDOFF_SIZE
+HANDOFF_SIZE = len(HANDOFF_MAGIC) + _HANDOFF.size
 """Bytes of the RAM handoff message (48)."""
 MAX_HANDOFF_FDS = 2
 TCP_REFUSAL = ("--memory real shares guest RAM by passing file descriptors, which tcp cannot carry: "
@@ -62,38 +101,26 @@ class RealMemoryError(Exception):
 # ---- guest side ---------------------------------------------------------------------------
 
 
-def _sealed_memfd(size: int, name: str) -> int:
-    """A memfd of ``size`` bytes sealed against shrinking (a truncation would SIGBUS the host)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 class GuestRealRam:
     """Guest side: the RAM memfd (touched), its uffd registration and the handoff to send.
 
     ``wp`` is the user's ``--wp``; it is resolved here (raises
-    :class:`~hintpipe.host.uffd.UffdUnavailable` for a named backend this kernel lacks).
+    :class:`~hintpipe.linux.userfaultfd.UffdUnavailable` for a named backend this kernel lacks).
     """
 
     def __init__(self, page_count: int, wp: str) -> None:
         self.page_count = page_count
         self.backend = resolve_backend(wp, "real")
-        fd = _sealed_memfd(page_count * PAGE_SIZE, "hintpipe-guest-ram")
+        fd = sealed_memfd(page_count * PAGE_SIZE, "hintpipe-guest-ram")
         try:
             self.ram = GuestRam(page_count, fd=fd)  # dups: the mapping keeps its own fd
         finally:
             os.close(fd)
-        self.uffd: _uffd.Userfaultfd | None = None
+        self.uffd: Userfaultfd | None = None
         try:
             self.ram.touch()  # first touch is slow: pay it before the migration, not inside
             if self.backend in REAL_BACKENDS:
-                self.uffd = _uffd.register_wp(self.ram.addr, self.ram.size, self.backend)
+                self.uffd = register_wp(self.ram.addr, self.ram.size, self.backend)
         except BaseException:
             self.close()
             raise
@@ -121,32 +148,9 @@ class GuestRealRam:
 async def send_handoff(sock, real: GuestRealRam) -> None:
     """Send the RAM handoff message with its fds on a freshly connected unix socket."""
     data = real.handoff()
-    n = await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", real.fds()))])
+    n = await sock.sendmsg([data], [scm_rights(real.fds())])
     if n < len(data):  # the fds rode on the first part; the rest is plain bytes
         await sock.send(data[n:])  # pragma: no cover - 48 bytes on a fresh unix socket
-
-
-class KernelTracked:
-    """Guest write tracker when the kernel tracks writes (uffd, uffd-async) or nothing does (off).
-
-    Nothing to do before a write: a write to a protected page faults inside the store
-    (:func:`hintpipe.realmem.write_pages_nogil`). ``quiesce``/``reopen`` answer a round barrier
-    at once (hosts with a real backend send none; see :class:`HostRealMemory`).
-    """
-
-    name = "kernel"
-
-    def __init__(self) -> None:
-        self.fault_events = 0
-
-    async def before_write(self, pfns: np.ndarray) -> None:
-        """No user-space check: the kernel faults the store itself."""
-
-    async def quiesce(self) -> None:
-        """No writer can be between a check and its write: there is no check."""
-
-    def reopen(self) -> None:
-        """Nothing was closed."""
 
 
 # ---- host side ----------------------------------------------------------------------------
@@ -172,21 +176,6 @@ class ReceivedRam:
                 setattr(self, name, None)
 
 
-def _peer_pid(sock) -> int | None:
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    return struct.unpack("3i", raw)[0]
-
-
-def _is_userfaultfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
-    except OSError:
-        return False
-
-
 def _check_memfd(fd: int, page_count: int) -> None:
     try:
         st = os.fstat(fd)
@@ -209,11 +198,7 @@ async def receive_handoff(sock, timeout_s: float = 10.0) -> ReceivedRam:
     try:
         with trio.fail_after(timeout_s):
             data, anc, flags, _ = await sock.recvmsg(HANDOFF_SIZE, socket.CMSG_SPACE(4 * (MAX_HANDOFF_FDS + 1)))
-            for level, typ, payload in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(payload[: len(payload) - len(payload) % 4])
-                    fds.extend(got)
+            fds.extend(received_fds(anc))
             # a short read: the rest carries no fds; stop at once if it cannot be a handoff (a
             # --memory sim guest's Hello may be shorter than 48 bytes and wait for an answer)
             while data and len(data) < HANDOFF_SIZE and data[:8] == HANDOFF_MAGIC[:len(data[:8])]:
@@ -240,11 +225,11 @@ async def receive_handoff(sock, timeout_s: float = 10.0) -> ReceivedRam:
         if len(fds) != want:
             raise RealMemoryError(f"a --wp {info.backend} RAM handoff must carry {want} file "
                                   f"descriptor(s), got {len(fds)}")
-        peer = _peer_pid(sock)
+        peer = peer_pid(sock)
         if peer is not None and peer != info.pid:
             raise RealMemoryError(f"the RAM handoff names pid {info.pid} but the peer is pid {peer}")
         _check_memfd(fds[0], info.page_count)
-        if want == 2 and not _is_userfaultfd(fds[1]):
+        if want == 2 and not is_userfaultfd(fds[1]):
             raise RealMemoryError("the RAM handoff's second fd is not a userfaultfd")
     except BaseException:
         for fd in fds:
@@ -265,7 +250,7 @@ class HostRealMemory:
 
     ``backend`` is None for ``sim`` (faults travel over the link with the protect bytes, exactly
     as in simulated memory mode; only the page contents are real), else a
-    :class:`~hintpipe.host.wp_backends.WpBackend` built from the received uffd.
+    :class:`~hintpipe.wp.base.WpBackend` built from the received uffd.
 
     No round barrier with a real backend: the barrier exists so that a guest writer's user-space
     "is it protected?" check and its store never straddle the host's page-state swap. With uffd
@@ -276,7 +261,7 @@ class HostRealMemory:
     (between swap and re-protect) is to a page already in this round's send set, sent afterwards.
     ``uffd-async``: the full scan before the swap and the per-chunk scans make every write before
     a send decision visible to it; a write after it is found by the next scan (the same argument
-    as in :mod:`hintpipe.host.wp_backends`). Pausing still uses the control page
+    as in :mod:`hintpipe.wp`). Pausing still uses the control page
     (:class:`~hintpipe.proc.control.HostControl`), so the final round's scan sees every write.
     A guest stuck in the kernel on a protected page never blocks the host's trio loop: the sync
     handler is its own thread, and a barrier would only have to wait for it, not the reverse.
@@ -289,7 +274,7 @@ class HostRealMemory:
         self.info = rx.info
         self.page_count = n
         self.ram = GuestRam(n, fd=rx.memfd)  # our own mapping: reads never fault
-        self.backend = None
+        self.backend: WpBackend | None = None
         try:
             self.dest = np.empty((n, WORDS_PER_PAGE), dtype=np.uint64)
             self.dest.fill(0)  # touched now: the first round must not pay first-touch faults

@@ -30,6 +30,7 @@ import os
 
 import numpy as np
 
+from hintpipe.linux.memfd import sealed_memfd
 from hintpipe.units import align_up
 
 MAGIC = b"HPGRAM01"
@@ -83,10 +84,8 @@ class SharedRegion:
     def create(cls, page_count: int, name: str = "hintpipe-guest-ram") -> "SharedRegion":
         """Guest: a new zeroed, shrink-sealed memfd region for ``page_count`` pages."""
         total = region_layout(page_count)[3]
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = sealed_memfd(total, name)
         try:
-            os.ftruncate(fd, total)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             reg = cls(fd, page_count, owner=True)
         except BaseException:
             os.close(fd)

@@ -27,9 +27,9 @@ from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationConfig, MigrationEngine, MigrationResult
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
-from hintpipe.host.writeprotect import SimWriteProtect
 from hintpipe.sim import drive_migration, migration_report
 from hintpipe.units import NR_ORDERS
+from hintpipe.wp.sim import SimWriteProtect
 
 from .events import EventBatch
 from .model import ReplayModel

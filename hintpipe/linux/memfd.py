@@ -1,4 +1,4 @@
-"""Guest RAM as a real memfd shared between the guest and host processes.
+"""Guest RAM as a real memfd shared between the guest and host processes, and sealed memfds.
 
 The guest creates the memfd, maps it MAP_SHARED and registers that mapping
 with userfaultfd; the host maps the same memfd (fd received over SCM_RIGHTS)
@@ -13,6 +13,7 @@ u64 word 0 = pfn, word 1 = version, word i>=2 = mix(pfn, version) + i*ODD.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 
@@ -20,13 +21,31 @@ import numpy as np
 
 from hintpipe.units import PAGE_SIZE
 
-__all__ = ["GuestRam", "page_pattern", "WORDS_PER_PAGE"]
+__all__ = ["GuestRam", "page_pattern", "verify_words", "write_pages_nogil", "sealed_memfd",
+           "WORDS_PER_PAGE", "CHUNK_PAGES"]
 
 WORDS_PER_PAGE = PAGE_SIZE // 8
-_CHUNK_PAGES = 2048  # 8 MiB scratch per step: bounded memory, stays in L2/L3-ish sizes
+CHUNK_PAGES = 2048
+"""Pages of pattern scratch per step of a write or a check (8 MiB): bounded whatever the size."""
 _RAMP = (np.arange(WORDS_PER_PAGE, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 _MIX_P = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_V = np.uint64(0x94D049BB133111EB)
+
+
+def sealed_memfd(size: int, name: str) -> int:
+    """A new memfd of ``size`` bytes sealed against shrinking, growing and further sealing.
+
+    A peer that maps it can rely on its size: a truncation of a mapped memfd would make the
+    mapper's next access die with SIGBUS, and the kernel refuses it under F_SEAL_SHRINK.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def page_pattern(pfns: np.ndarray, versions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -92,9 +111,9 @@ class GuestRam:
         pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
         versions = np.broadcast_to(np.asarray(versions, dtype=np.uint64), pfns.shape)
         self._check(pfns)
-        buf = np.empty((min(len(pfns), _CHUNK_PAGES), WORDS_PER_PAGE), dtype=np.uint64)
-        for i in range(0, len(pfns), _CHUNK_PAGES):  # loop per 8 MiB chunk, not per page
-            p, v = pfns[i:i + _CHUNK_PAGES], versions[i:i + _CHUNK_PAGES]
+        buf = np.empty((min(len(pfns), CHUNK_PAGES), WORDS_PER_PAGE), dtype=np.uint64)
+        for i in range(0, len(pfns), CHUNK_PAGES):  # loop per 8 MiB chunk, not per page
+            p, v = pfns[i:i + CHUNK_PAGES], versions[i:i + CHUNK_PAGES]
             if len(p) and p[-1] - p[0] == len(p) - 1 and np.all(np.diff(p) == 1):
                 page_pattern(p, v, out=self.words[p[0]:p[-1] + 1])  # contiguous: in place
             else:
@@ -102,9 +121,7 @@ class GuestRam:
 
     def write_pages_nogil(self, pfns: np.ndarray, versions: np.ndarray | int) -> None:
         """Like :meth:`write_pages` but never holding the GIL while a store can fault
-        (see :func:`hintpipe.realmem.write_pages_nogil`, which does the work)."""
-        from hintpipe.realmem import write_pages_nogil  # realmem builds on this module
-
+        (see :func:`write_pages_nogil`)."""
         write_pages_nogil(self, pfns, versions)
 
     def verify(self, pfns: np.ndarray, versions: np.ndarray | int) -> np.ndarray:
@@ -139,9 +156,45 @@ def verify_words(words: np.ndarray, pfns: np.ndarray, versions: np.ndarray | int
     pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
     versions = np.broadcast_to(np.asarray(versions, dtype=np.uint64), pfns.shape)
     ok = np.empty(len(pfns), dtype=bool)
-    buf = np.empty((min(len(pfns), _CHUNK_PAGES), WORDS_PER_PAGE), dtype=np.uint64)
-    for i in range(0, len(pfns), _CHUNK_PAGES):
-        p, v = pfns[i:i + _CHUNK_PAGES], versions[i:i + _CHUNK_PAGES]
+    buf = np.empty((min(len(pfns), CHUNK_PAGES), WORDS_PER_PAGE), dtype=np.uint64)
+    for i in range(0, len(pfns), CHUNK_PAGES):
+        p, v = pfns[i:i + CHUNK_PAGES], versions[i:i + CHUNK_PAGES]
         exp = page_pattern(p, v, out=buf[:len(p)])
         ok[i:i + len(p)] = (words[p] == exp).all(axis=1)
     return ok
+
+
+def write_pages_nogil(ram: GuestRam, pfns: np.ndarray, versions: np.ndarray,
+                      scratch: np.ndarray | None = None) -> None:
+    """Write the (pfn, version) pattern of pages ``pfns`` into ``ram``, never holding the GIL
+    while a store into guest memory can fault.
+
+    Under synchronous userfaultfd WP in this process, a store to a protected page blocks the
+    storing thread in the kernel until the handler thread (Python, so it needs the GIL) lifts the
+    protection. A store made with the GIL held would therefore deadlock. numpy releases the GIL
+    for large copies only (and that is an implementation detail), so the pattern is built in a
+    private scratch buffer (never protected) and copied into guest RAM with ``ctypes.memmove``,
+    which always releases the GIL. The copy is one C call per maximal run of consecutive pfns
+    (one per allocated block, one per scattered rewrite): a Python loop per run is the price of
+    the guarantee; the pattern itself is computed vectorised.
+    """
+    pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
+    if not len(pfns):
+        return
+    versions = np.broadcast_to(np.asarray(versions, dtype=np.uint64), pfns.shape)
+    order = np.argsort(pfns, kind="stable")
+    pfns, versions = pfns[order], versions[order]
+    if pfns[0] < 0 or pfns[-1] >= ram.page_count:
+        raise IndexError(f"pfn outside guest RAM of {ram.page_count} pages")
+    if scratch is None or len(scratch) < min(len(pfns), CHUNK_PAGES):
+        scratch = np.empty((min(len(pfns), CHUNK_PAGES), WORDS_PER_PAGE), dtype=np.uint64)
+    base, src0 = ram.addr, scratch.ctypes.data
+    memmove = ctypes.memmove
+    for i in range(0, len(pfns), CHUNK_PAGES):
+        p = pfns[i:i + CHUNK_PAGES]
+        page_pattern(p, versions[i:i + CHUNK_PAGES], out=scratch[:len(p)])
+        brk = np.flatnonzero(np.diff(p) != 1) + 1
+        run_lo = np.concatenate(([0], brk))
+        run_hi = np.concatenate((brk, [len(p)]))
+        for lo, hi, pfn in zip(run_lo.tolist(), run_hi.tolist(), p[run_lo].tolist()):
+            memmove(base + pfn * PAGE_SIZE, src0 + lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE)

@@ -1,22 +1,15 @@
-"""Real write-protect trackers over userfaultfd, for guest RAM in another process.
+"""Synchronous userfaultfd write-protect: every first write to a protected page is a fault message.
 
-Three trackers share one shape (``protect_all()`` / ``close()`` / counters):
+:class:`UffdSyncTracker` handles the messages on a dedicated OS thread: it calls
+``on_fault(pfns)`` *before* lifting the protection (so the write that follows is covered by the
+dirty mark) and then clears WP, which wakes the writer. :class:`SyncUffdBackend` binds it to a
+host page state.
 
-* :class:`UffdSyncTracker`: every first write to a protected page becomes a
-  fault message; a dedicated OS thread reads it, calls ``on_fault(pfns)``
-  *before* lifting the protection (so the write that follows is covered by the
-  dirty mark) and then clears WP, which wakes the writer.
-* :class:`UffdAsyncTracker`: UFFD_FEATURE_WP_ASYNC, the kernel resolves faults
-  itself; ``written_since_last()`` asks PAGEMAP_SCAN which pages were written
-  and re-protects them in the same call.
-* :class:`DisabledTracker`: sees nothing (the control case for oracle tests).
-
-Who does what: the *guest* process creates the memfd and the uffd (the uffd is
-tied to the creator's mm), does the UFFDIO_API handshake and UFFDIO_REGISTER
-on its own mapping, and sends both fds plus its mapping address and pid to the
-host with :func:`send_fds`.  The host builds a tracker from those.  The host
-keeps its uffd copy open: closing the last reference to a uffd unregisters
-the range.
+Who does what: the *guest* process creates the memfd and the uffd (the uffd is tied to the
+creator's mm), does the UFFDIO_API handshake and UFFDIO_REGISTER on its own mapping, and sends
+both fds plus its mapping address and pid to the host (:mod:`hintpipe.paired.handoff`). The host
+builds a tracker from those. The host keeps its uffd copy open: closing the last reference to a
+uffd unregisters the range.
 """
 
 from __future__ import annotations
@@ -24,22 +17,22 @@ from __future__ import annotations
 import errno
 import os
 import select
-import socket
 import struct
 import threading
 from typing import Callable, TypeVar
 
 import numpy as np
 
-from hintpipe.units import PAGE_SHIFT, PAGE_SIZE, page_runs, run_pages
-
-from .pagemap import PagemapScanner
-from .uffd import (
+from hintpipe.host.pagestate import HostPageState
+from hintpipe.linux.userfaultfd import (
     UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE, UFFD_PAGEFAULT_FLAG_WP, UFFDIO_WRITEPROTECT,
-    UFFDIO_WRITEPROTECT_MODE_WP, UffdioWriteprotect, ioctl, parse_messages, writeprotect_fd,
+    UffdioWriteprotect, parse_messages,
 )
+from hintpipe.linux.ioctl import ioctl
+from hintpipe.units import PAGE_SHIFT, PAGE_SIZE, page_runs
+from hintpipe.wp.base import UffdRange, WpBackend
 
-__all__ = ["UffdSyncTracker", "UffdAsyncTracker", "DisabledTracker", "send_fds", "recv_fds"]
+__all__ = ["UffdSyncTracker", "SyncUffdBackend"]
 
 T = TypeVar("T")
 _READ_BATCH = 256  # messages per read(2): 8 KiB
@@ -47,53 +40,7 @@ _SMALL_BATCH = 16  # up to this many messages: plain-Python decode and per-page 
 _FLAGS_ADDR = struct.Struct("<QQ")  # uffd_msg.arg.pagefault.{flags, address} at offset 8
 
 
-def send_fds(sock: socket.socket, fds: list[int], payload: bytes = b"\0") -> None:
-    """Send ``fds`` with SCM_RIGHTS along with a small non-empty ``payload``."""
-    if not payload:
-        raise ValueError("payload must be non-empty (SCM_RIGHTS rides on data)")
-    socket.send_fds(sock, [payload], fds)
-
-
-def recv_fds(sock: socket.socket, maxfds: int = 4, bufsize: int = 4096) -> tuple[bytes, list[int]]:
-    """Receive (payload, fds) sent by :func:`send_fds`.  Raises EOFError on a closed peer."""
-    data, fds, flags, _ = socket.recv_fds(sock, bufsize, maxfds)
-    if not data and not fds:
-        raise EOFError("peer closed the socket before sending fds")
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
-        raise OSError(errno.EMSGSIZE, "SCM_RIGHTS control data truncated (too many fds)")
-    return data, fds
-
-
-class _RangeTracker:
-    """Shared bookkeeping: the guest mapping [ram_addr, ram_addr + page_count pages)."""
-
-    def __init__(self, ram_addr: int, page_count: int, uffd_fd: int):
-        if ram_addr % PAGE_SIZE or page_count <= 0:
-            raise ValueError("ram_addr must be page aligned and page_count positive")
-        self.ram_addr = ram_addr
-        self.page_count = page_count
-        self.uffd_fd = uffd_fd
-        self.faults = 0         # sync: fault messages handled; async: written pages found
-        self.protect_calls = 0  # kernel calls that (re-)armed write protection
-
-    def protect_all(self) -> None:
-        """Write-protect the whole guest RAM range (start of a round)."""
-        writeprotect_fd(self.uffd_fd, self.ram_addr, self.page_count * PAGE_SIZE,
-                        UFFDIO_WRITEPROTECT_MODE_WP)
-        self.protect_calls += 1
-
-    def unprotect_all(self) -> None:
-        """Lift write protection everywhere and wake any blocked writer."""
-        writeprotect_fd(self.uffd_fd, self.ram_addr, self.page_count * PAGE_SIZE, 0)
-
-    def stats(self) -> dict:
-        """Counters for the JSON report."""
-        return {"faults": self.faults, "protect_calls": self.protect_calls}
-
-
-class UffdSyncTracker(_RangeTracker):
+class UffdSyncTracker(UffdRange):
     """Synchronous WP: fault messages handled by a dedicated OS thread.
 
     ``on_fault(pfns)`` receives an int64 array of guest pfns (one read(2) batch;
@@ -286,82 +233,50 @@ class UffdSyncTracker(_RangeTracker):
         self.close()
 
 
-class UffdAsyncTracker(_RangeTracker):
-    """Asynchronous WP (WP_ASYNC): no messages; PAGEMAP_SCAN finds written pages.
+class SyncUffdBackend(WpBackend):
+    """Synchronous userfaultfd WP: a handler thread turns each fault into ``state.on_written``.
 
-    The uffd must have had its UFFDIO_API handshake with UFFD_FEATURE_WP_ASYNC
-    and the range registered in MODE_WP by the guest ``pid``.  The scanner
-    opens ``/proc/pid/pagemap`` (needs ptrace-read permission on the guest).
+    ``uffd_fd``: a uffd whose handshake (WP_FEATURES_SYNC) and MODE_WP registration of the guest
+    RAM mapping at ``ram_addr`` the *guest* process did; here it may be a copy received over
+    SCM_RIGHTS. The handler thread marks the page (skip cleared, dirty for the next round) before
+    it lifts the protection and wakes the writer.
+
+    No deadlock: the handler thread waits only on the kernel (poll/read/ioctl), on ``round_lock``
+    (held by :meth:`start_round` for a snapshot swap and a protect ioctl, neither of which waits on
+    a guest write) and on ``state.lock`` (held only for array updates). It also needs the GIL:
+    when the writer is a thread of this process (the in-process demo), it must fault with the GIL
+    released, which :func:`hintpipe.linux.memfd.write_pages_nogil` guarantees by copying through
+    ``ctypes.memmove``; the trio loop itself never waits on the handler except for the bounded
+    ``round_lock`` hold.
     """
 
-    def __init__(self, ram_addr: int, page_count: int, uffd_fd: int, pid: int):
-        super().__init__(ram_addr, page_count, uffd_fd)
-        self.pid = pid
-        self.scans = 0
-        self._scanner = PagemapScanner(pid)
+    name = "uffd"
 
-    def arm(self) -> None:
-        """The arming pass: one WP_MATCHING scan, whose 'everything written' answer is dropped."""
-        self._scanner.written_ranges(self.ram_addr, self.page_count)
-        self.protect_calls += 1
+    def __init__(self, state: HostPageState, ram_addr: int, page_count: int, uffd_fd: int) -> None:
+        super().__init__(state)
+        if page_count != state.page_count:
+            raise ValueError("guest RAM and page state disagree on the page count")
+        self.tracker = UffdSyncTracker(ram_addr, page_count, uffd_fd, state.on_written)
 
-    def protect_all(self) -> None:
-        """Protect everything now (UFFDIO_WRITEPROTECT over the range; forgets pending writes)."""
-        super().protect_all()
+    def _check(self) -> None:
+        t = self.tracker
+        if t.error is not None:
+            raise RuntimeError(f"userfaultfd handler stopped: {t.error}") from t.error
+        if t.callback_error is not None:
+            raise RuntimeError(f"fault callback failed: {t.callback_error}") from t.callback_error
 
-    def written_ranges_since_last(self) -> tuple[np.ndarray, np.ndarray]:
-        """(start_pfn, npages) runs written since the previous call (or arm), re-protected atomically."""
-        starts, counts = self._scanner.written_ranges(self.ram_addr, self.page_count)
-        self.scans += 1
-        self.protect_calls += 1
-        self.faults += int(counts.sum())
-        return starts, counts
-
-    def written_since_last(self) -> np.ndarray:
-        """Sorted int64 pfns written since the previous call (or arm), re-protected atomically."""
-        return run_pages(*self.written_ranges_since_last())
+    def start_round(self, index: int) -> None:
+        """Swap the page state and re-protect everything under the tracker's ``round_lock``."""
+        self._check()
+        self.rounds += 1
+        self.tracker.new_round(self.state.begin_first_round if index == 0 else self.state.begin_round)
 
     def stats(self) -> dict:
-        """Counters for the JSON report."""
-        return {**super().stats(), "scans": self.scans,
-                "scan_ioctls": self._scanner.ioctl_calls}
+        """Fault messages handled and protect ioctls."""
+        s = self.tracker.stats()
+        return {"backend": self.name, "faults": s["faults"], "protect_calls": s["protect_calls"],
+                "unprotect_calls": s["unprotect_calls"]}
 
     def close(self) -> None:
-        """Close the pagemap fd (the uffd fd belongs to the caller)."""
-        self._scanner.close()
-
-    def __enter__(self) -> "UffdAsyncTracker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class DisabledTracker:
-    """Tracking deliberately off: same surface, reports no write ever (oracle control case)."""
-
-    def __init__(self, page_count: int):
-        self.page_count = page_count
-        self.faults = 0
-        self.protect_calls = 0
-
-    def protect_all(self) -> None:
-        """No-op."""
-
-    def arm(self) -> None:
-        """No-op."""
-
-    def new_round(self, snapshot: Callable[[], T] | None = None) -> T | None:
-        """Just calls ``snapshot()``."""
-        return snapshot() if snapshot is not None else None
-
-    def written_since_last(self) -> np.ndarray:
-        """Always empty."""
-        return np.empty(0, dtype=np.int64)
-
-    def stats(self) -> dict:
-        """Counters for the JSON report."""
-        return {"faults": 0, "protect_calls": 0}
-
-    def close(self) -> None:
-        """No-op."""
+        """Lift all protection (no writer stays blocked) and stop the handler thread."""
+        self.tracker.close()

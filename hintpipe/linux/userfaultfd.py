@@ -22,35 +22,17 @@ import platform
 
 import numpy as np
 
-from hintpipe.units import PAGE_SIZE
+from hintpipe.linux.fdpass import anon_inode_name
+from hintpipe.linux.ioctl import ior, ioctl, iowr
 
 __all__ = [
     "UffdUnavailable", "Userfaultfd", "UffdioApi", "UffdioRange", "UffdioRegister",
-    "UffdioWriteprotect", "UFFD_MSG_DTYPE", "parse_messages", "probe", "ioc",
+    "UffdioWriteprotect", "UFFD_MSG_DTYPE", "parse_messages",
     "UFFDIO_API", "UFFDIO_REGISTER", "UFFDIO_UNREGISTER", "UFFDIO_WAKE",
     "UFFDIO_WRITEPROTECT", "WP_FEATURES_SYNC", "register_wp", "open_uffd",
     "available_features", "feature_names", "writeprotect_fd", "WP_FEATURES_ASYNC",
+    "allows_writeprotect", "is_userfaultfd",
 ]
-
-
-# ---------------------------------------------------------------- ioctl encoding
-# include/uapi/asm-generic/ioctl.h: nr 8 bits, type 8 bits, size 14 bits, dir 2 bits.
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
-
-
-def ioc(direction: int, type_: int, nr: int, size: int) -> int:
-    """Encode an ioctl request number like the kernel's ``_IOC`` macro."""
-    if not 0 <= size < (1 << 14):
-        raise ValueError("ioctl argument too large")
-    return (direction << 30) | (size << 16) | (type_ << 8) | nr
-
-
-def _iowr(type_: int, nr: int, struct_t: type) -> int:
-    return ioc(_IOC_READ | _IOC_WRITE, type_, nr, ctypes.sizeof(struct_t))
-
-
-def _ior(type_: int, nr: int, struct_t: type) -> int:
-    return ioc(_IOC_READ, type_, nr, ctypes.sizeof(struct_t))
 
 
 # ---------------------------------------------------------------- structures
@@ -92,11 +74,11 @@ UFFDIO = 0xAA
 _UFFDIO_REGISTER, _UFFDIO_UNREGISTER, _UFFDIO_WAKE = 0x00, 0x01, 0x02
 _UFFDIO_WRITEPROTECT, _UFFDIO_API = 0x06, 0x3F
 
-UFFDIO_API = _iowr(UFFDIO, _UFFDIO_API, UffdioApi)
-UFFDIO_REGISTER = _iowr(UFFDIO, _UFFDIO_REGISTER, UffdioRegister)
-UFFDIO_UNREGISTER = _ior(UFFDIO, _UFFDIO_UNREGISTER, UffdioRange)
-UFFDIO_WAKE = _ior(UFFDIO, _UFFDIO_WAKE, UffdioRange)
-UFFDIO_WRITEPROTECT = _iowr(UFFDIO, _UFFDIO_WRITEPROTECT, UffdioWriteprotect)
+UFFDIO_API = iowr(UFFDIO, _UFFDIO_API, UffdioApi)
+UFFDIO_REGISTER = iowr(UFFDIO, _UFFDIO_REGISTER, UffdioRegister)
+UFFDIO_UNREGISTER = ior(UFFDIO, _UFFDIO_UNREGISTER, UffdioRange)
+UFFDIO_WAKE = ior(UFFDIO, _UFFDIO_WAKE, UffdioRange)
+UFFDIO_WRITEPROTECT = iowr(UFFDIO, _UFFDIO_WRITEPROTECT, UffdioWriteprotect)
 
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0
@@ -144,8 +126,6 @@ _SYSCALL_NR = {"x86_64": 323, "amd64": 323, "aarch64": 282, "arm64": 282}
 # ---------------------------------------------------------------- libc glue
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.ioctl.restype = ctypes.c_int
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 
 class UffdUnavailable(RuntimeError):
@@ -154,16 +134,6 @@ class UffdUnavailable(RuntimeError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def ioctl(fd: int, request: int, arg: ctypes.Structure | None) -> int:
-    """ioctl(2) releasing the GIL (ctypes does); raises OSError on failure."""
-    ptr = ctypes.byref(arg) if arg is not None else None
-    rc = _libc.ioctl(fd, request, ptr)
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"ioctl {request:#x}: {os.strerror(err)}")
-    return rc
 
 
 def userfaultfd_syscall(flags: int) -> int:
@@ -322,77 +292,11 @@ def available_features() -> int:
         os.close(fd)
 
 
-def probe(backend: str = "uffd") -> dict:
-    """Check a backend end to end on a 1-page memfd; returns what was found.
+def allows_writeprotect(register_ioctls: int) -> bool:
+    """Does the ioctl mask UFFDIO_REGISTER returned allow UFFDIO_WRITEPROTECT on the range?"""
+    return bool(register_ioctls >> _UFFDIO_WRITEPROTECT & 1)
 
-    ``backend`` is "uffd" (sync WP faults) or "uffd-async" (WP_ASYNC + PAGEMAP_SCAN).
-    Raises UffdUnavailable with one sentence naming what is missing.
-    """
-    import mmap
 
-    if backend not in ("uffd", "uffd-async"):
-        raise ValueError(f"unknown backend {backend!r}")
-    want = WP_FEATURES_ASYNC if backend == "uffd-async" else WP_FEATURES_SYNC
-    offered = available_features()
-    missing = want & ~offered
-    if missing & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
-        raise UffdUnavailable("the kernel's userfaultfd has no write-protect support "
-                              "(UFFD_FEATURE_PAGEFAULT_FLAG_WP missing)")
-    if missing & UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
-        raise UffdUnavailable("the kernel's userfaultfd cannot write-protect shmem/memfd "
-                              "(UFFD_FEATURE_WP_HUGETLBFS_SHMEM missing, needs Linux 5.19+)")
-    if missing & UFFD_FEATURE_WP_UNPOPULATED:
-        raise UffdUnavailable("the kernel's userfaultfd lacks UFFD_FEATURE_WP_UNPOPULATED "
-                              "(needs Linux 6.4+)")
-    if missing & UFFD_FEATURE_WP_ASYNC:
-        raise UffdUnavailable("the kernel's userfaultfd lacks asynchronous write-protect "
-                              "(UFFD_FEATURE_WP_ASYNC missing, needs Linux 6.7+)")
-    uffd = Userfaultfd.create(want)
-    memfd = os.memfd_create("hintpipe-probe", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(memfd, PAGE_SIZE)
-        m = mmap.mmap(memfd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            anchor = ctypes.c_char.from_buffer(m)
-            addr = ctypes.addressof(anchor)
-            del anchor
-            m[0:1] = b"\1"
-            try:
-                ioctls = uffd.register(addr, PAGE_SIZE, UFFDIO_REGISTER_MODE_WP)
-            except OSError as e:
-                raise UffdUnavailable("UFFDIO_REGISTER in write-protect mode on a memfd "
-                                      f"mapping failed ({os.strerror(e.errno)})") from e
-            if not ioctls >> _UFFDIO_WRITEPROTECT & 1:
-                raise UffdUnavailable("UFFDIO_WRITEPROTECT is not allowed on memfd mappings")
-            uffd.writeprotect(addr, PAGE_SIZE, True)
-            uffd.writeprotect(addr, PAGE_SIZE, False)
-            pagemap_scan = False
-            if backend == "uffd-async":
-                from . import pagemap
-                try:
-                    with pagemap.PagemapScanner(os.getpid()) as sc:
-                        sc.written_ranges(addr, 1)          # arming pass
-                        m[0:1] = b"\2"                       # resolved by the kernel
-                        starts, _ = sc.written_ranges(addr, 1)
-                except OSError as e:
-                    raise UffdUnavailable("the PAGEMAP_SCAN ioctl on /proc/PID/pagemap failed "
-                                          f"({os.strerror(e.errno)}; needs Linux 6.7+)") from e
-                if len(starts) != 1:
-                    raise UffdUnavailable("PAGEMAP_SCAN did not report a page written under "
-                                          "WP_ASYNC")
-                pagemap_scan = True
-            uffd.unregister(addr, PAGE_SIZE)
-        finally:
-            m.close()
-    finally:
-        os.close(memfd)
-        uffd.close()
-    return {
-        "backend": backend,
-        "features": offered,
-        "feature_names": feature_names(offered),
-        "requested": want,
-        "user_mode_only": uffd.user_mode_only,
-        "register_ioctls": ioctls,
-        "pagemap_scan": pagemap_scan,
-    }
+def is_userfaultfd(fd: int) -> bool:
+    """Is ``fd`` (of this process) a userfaultfd?"""
+    return anon_inode_name(fd) == "userfaultfd"

@@ -1,4 +1,4 @@
-"""Simulated write-protect for an in-process guest.
+"""Simulated write-protect for an in-process guest (``--wp sim``).
 
 At the start of each round the host protects every page (``HostPageState.begin_round`` clears
 ``written``); a guest write to a page not yet written this round is a fault. The handler runs
@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from hintpipe.host.pagestate import HostPageState
+from hintpipe.wp.base import WpBackend
+
+__all__ = ["SimWriteProtect", "SimBackend"]
 
 
 class SimWriteProtect:
@@ -28,3 +31,18 @@ class SimWriteProtect:
         if protected.any():
             self.fault_events += 1
             self.state.on_written(pfns[protected])
+
+
+class SimBackend(WpBackend):
+    """Simulated faults delivered by the in-process guest's memory before each write."""
+
+    name = "sim"
+
+    def __init__(self, state: HostPageState) -> None:
+        super().__init__(state)
+        self.guest_tracker = SimWriteProtect(state)
+
+    def stats(self) -> dict:
+        """Faults = first writes per round; one (simulated) protect per round."""
+        return {"backend": self.name, "faults": self.state.faults, "protect_calls": self.rounds,
+                "fault_events": self.guest_tracker.fault_events}

@@ -22,7 +22,7 @@ import numpy as np
 
 from hintpipe.units import PAGE_SIZE
 
-from .uffd import _IOC_READ, _IOC_WRITE, ioc, ioctl
+from hintpipe.linux.ioctl import IOC_READ, IOC_WRITE, ioc, ioctl
 
 __all__ = [
     "PmScanArg", "PageRegion", "PAGEMAP_SCAN", "PagemapScanner",
@@ -57,7 +57,7 @@ class PmScanArg(ctypes.Structure):
         "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
 
 
-PAGEMAP_SCAN = ioc(_IOC_READ | _IOC_WRITE, ord("f"), 16, ctypes.sizeof(PmScanArg))
+PAGEMAP_SCAN = ioc(IOC_READ | IOC_WRITE, ord("f"), 16, ctypes.sizeof(PmScanArg))
 
 PAGE_REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
 assert PAGE_REGION_DTYPE.itemsize == ctypes.sizeof(PageRegion)

@@ -1,0 +1,129 @@
+"""Asynchronous userfaultfd write-protect (WP_ASYNC): the kernel resolves write faults itself.
+
+No fault messages: :class:`UffdAsyncTracker` asks PAGEMAP_SCAN (WP_MATCHING, PAGE_IS_WRITTEN)
+which pages were written and re-protects them in the same call; :class:`AsyncUffdBackend` binds
+it to a host page state and scans each chunk right before it is sent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hintpipe.host.pagestate import HostPageState
+from hintpipe.linux.pagemap import PagemapScanner
+from hintpipe.units import PAGE_SIZE, run_pages
+from hintpipe.wp.base import UffdRange, WpBackend
+
+__all__ = ["UffdAsyncTracker", "AsyncUffdBackend"]
+
+
+class UffdAsyncTracker(UffdRange):
+    """Asynchronous WP (WP_ASYNC): no messages; PAGEMAP_SCAN finds written pages.
+
+    The uffd must have had its UFFDIO_API handshake with UFFD_FEATURE_WP_ASYNC
+    and the range registered in MODE_WP by the guest ``pid``.  The scanner
+    opens ``/proc/pid/pagemap`` (needs ptrace-read permission on the guest).
+    A scan of one chunk costs about 35 us, of a whole 1 GiB guest about 1 ms: the engine scans
+    only the chunk about to be sent (:meth:`written_in`).
+    """
+
+    def __init__(self, ram_addr: int, page_count: int, uffd_fd: int, pid: int):
+        super().__init__(ram_addr, page_count, uffd_fd)
+        self.pid = pid
+        self.scans = 0
+        self._scanner = PagemapScanner(pid)
+
+    def arm(self) -> None:
+        """The arming pass: one WP_MATCHING scan, whose 'everything written' answer is dropped."""
+        self._scanner.written_ranges(self.ram_addr, self.page_count)
+        self.protect_calls += 1
+
+    def protect_all(self) -> None:
+        """Protect everything now (UFFDIO_WRITEPROTECT over the range; forgets pending writes)."""
+        super().protect_all()
+
+    def written_ranges_since_last(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start_pfn, npages) runs written since the previous call (or arm), re-protected atomically."""
+        starts, counts = self._scanner.written_ranges(self.ram_addr, self.page_count)
+        self.scans += 1
+        self.protect_calls += 1
+        self.faults += int(counts.sum())
+        return starts, counts
+
+    def written_since_last(self) -> np.ndarray:
+        """Sorted int64 pfns written since the previous call (or arm), re-protected atomically."""
+        return run_pages(*self.written_ranges_since_last())
+
+    def written_in(self, start: int, stop: int) -> np.ndarray:
+        """Sorted int64 pfns of ``[start, stop)`` written since their last scan, re-protected."""
+        if not 0 <= start <= stop <= self.page_count:
+            raise ValueError("scan range outside guest RAM")
+        if start == stop:
+            return np.empty(0, dtype=np.int64)
+        starts, counts = self._scanner.written_ranges(self.ram_addr + start * PAGE_SIZE, stop - start)
+        self.scans += 1
+        self.protect_calls += 1
+        self.faults += int(counts.sum())
+        return run_pages(starts + start, counts)
+
+    def stats(self) -> dict:
+        """Counters for the JSON report."""
+        return {**super().stats(), "scans": self.scans,
+                "scan_ioctls": self._scanner.ioctl_calls}
+
+    def close(self) -> None:
+        """Close the pagemap fd (the uffd fd belongs to the caller)."""
+        self._scanner.close()
+
+    def __enter__(self) -> "UffdAsyncTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncUffdBackend(WpBackend):
+    """Asynchronous userfaultfd WP (WP_ASYNC): PAGEMAP_SCAN finds written pages, no messages.
+
+    ``uffd_fd`` as for :class:`SyncUffdBackend` but with WP_FEATURES_ASYNC; ``pid`` is the guest
+    process whose ``/proc/PID/pagemap`` is scanned (this process for the in-process demo).
+    Round 0 starts with the arming pass, whose "everything written" answer is not counted.
+    """
+
+    name = "uffd-async"
+
+    def __init__(self, state: HostPageState, ram_addr: int, page_count: int, uffd_fd: int,
+                 pid: int) -> None:
+        super().__init__(state)
+        if page_count != state.page_count:
+            raise ValueError("guest RAM and page state disagree on the page count")
+        self.tracker = UffdAsyncTracker(ram_addr, page_count, uffd_fd, pid)
+
+    def _collect(self, pfns: np.ndarray) -> None:
+        if len(pfns):
+            self.state.on_written(pfns)
+
+    def start_round(self, index: int) -> None:
+        """Round 0: arm (protect all, drop the answer); later: full scan, then swap."""
+        self.rounds += 1
+        if index == 0:
+            self.tracker.arm()
+            self.state.begin_first_round()
+        else:
+            # writes since the last scan belong to the round that is ending
+            self._collect(self.tracker.written_since_last())
+            self.state.begin_round()
+
+    async def before_chunk(self, start: int, stop: int) -> None:
+        """Scan ``[start, stop)`` and hand the written pages to the page state."""
+        self._collect(self.tracker.written_in(start, stop))
+
+    def stats(self) -> dict:
+        """Written pages found by scans (arming pass excluded), protecting calls, scans."""
+        s = self.tracker.stats()
+        return {"backend": self.name, "faults": s["faults"], "protect_calls": s["protect_calls"],
+                "scans": s["scans"]}
+
+    def close(self) -> None:
+        """Close the pagemap fd (the uffd belongs to the caller)."""
+        self.tracker.close()
