@@ -217,7 +217,7 @@ def cmd_guest(args: argparse.Namespace) -> int:
 
     import trio
 
-    from hintpipe.proc.guest import GuestOptions, guest_main
+    from hintpipe.paired.guest import GuestOptions, guest_main
     from hintpipe.wp import UffdUnavailable
 
     opts = GuestOptions(address=_address_from(args.connect), cfg=_paired_config(args, guest=True),
@@ -242,7 +242,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     """``hintpipe host``: serve guests on an address, migrate each, print one report per guest."""
     import trio
 
-    from hintpipe.proc.host import HostOptions, host_main
+    from hintpipe.paired.host import HostOptions, host_main
 
     addr = _address_from(args.listen)
     secret = _secret_from(args)
@@ -273,7 +273,7 @@ def _paired_config(args: argparse.Namespace, *, guest: bool):
     """
     from dataclasses import replace
 
-    from hintpipe.proc.realmode import TCP_REFUSAL
+    from hintpipe.paired.handoff import TCP_REFUSAL
     from hintpipe.wp import UffdUnavailable, resolve_backend
 
     addr = _address_from(args.connect if guest else args.listen)

@@ -23,8 +23,8 @@ import trio
 import hintpipe.wp as backends
 from hintpipe import cli
 from hintpipe.linux import userfaultfd as u
-from hintpipe.proc.realmode import RamHandoff
-from hintpipe.proc.realmode import (
+from hintpipe.paired.handoff import RamHandoff
+from hintpipe.paired.handoff import (
     HANDOFF_MAGIC, GuestRealRam, RealMemoryError, TCP_REFUSAL, check_backend, receive_handoff,
     send_handoff,
 )

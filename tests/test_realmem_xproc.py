@@ -23,7 +23,7 @@ import hintpipe.wp as backends
 from hintpipe.linux import userfaultfd as u
 from hintpipe.linux.memfd import GuestRam, verify_words
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.proc.realmode import RamHandoff
+from hintpipe.paired.handoff import RamHandoff
 from hintpipe.wp import make_backend
 from hintpipe.linux.fdpass import recv_fds
 from hintpipe.protocol.errors import ProtocolError
@@ -36,7 +36,7 @@ import os, socket, struct, sys
 import numpy as np
 from hintpipe.linux import userfaultfd as u
 from hintpipe.linux.memfd import GuestRam
-from hintpipe.proc.realmode import RamHandoff
+from hintpipe.paired.handoff import RamHandoff
 from hintpipe.linux.fdpass import send_fds
 from hintpipe.linux.memfd import write_pages_nogil
 

@@ -12,9 +12,10 @@ import pytest
 import trio
 
 from hintpipe.channel.address import AddressError, parse_address
+from hintpipe.channel.records import RecordEndpoint, record
 from hintpipe.channel.stream import AuthError, auth_client, auth_server, open_stream_endpoint
-from hintpipe.proc.mirror import FREE, INIT, WORD, MirroredRegion, RecordEndpoint, record
-from hintpipe.proc.region import OFF_BARRIER_ACK, OFF_BARRIER_REQ, RegionError, SharedRegion
+from hintpipe.paired.mirror import FREE, INIT, WORD, MirroredRegion, MirrorReceiver
+from hintpipe.paired.region import OFF_BARRIER_ACK, OFF_BARRIER_REQ, RegionError, SharedRegion
 from hintpipe.protocol import Error, ErrorCode, ProtocolError
 
 
@@ -139,17 +140,19 @@ def test_addresses(monkeypatch):
 
 def test_memory_records_mirror_the_guest_and_reject_overreach():
     sent: list[bytes] = []
-    guest = MirroredRegion(4096, role="guest", send=sent.append)
+    guest = MirroredRegion.mirror(4096, role="guest")
     guest.versions[:10] = 5
     guest.free[100:200] = True
-    guest.initial_sync()
+    guest.note_written(np.array([1, 2]))  # before the link: covered by the initial sync
+    guest.start_sync(sent.append)
     guest.versions[[3, 4000]] = [9, 7]
     guest.note_written(np.array([3, 4000]))
     guest.set_word(OFF_BARRIER_ACK, 42)  # flushes the writes first
-    ep = RecordEndpoint(stream=type("S", (), {"stats": None})(), role="host")
+    mirror = MirrorReceiver(send=lambda data: None)
+    ep = RecordEndpoint(stream=None, handler=mirror)
     ep._buf += b"".join(sent) + record(0, b"v1-bytes")
     assert ep._parse() == b"v1-bytes"
-    host = ep.region
+    host = mirror.region
     assert np.array_equal(host.versions, guest.versions)
     assert np.array_equal(host.free, guest.free)
     assert host.word(OFF_BARRIER_ACK) == 42
@@ -175,7 +178,7 @@ def test_memory_records_mirror_the_guest_and_reject_overreach():
 
 def _host_opts(addr: str):
     from hintpipe.channel.address import parse_address
-    from hintpipe.proc.host import HostOptions
+    from hintpipe.paired.host import HostOptions
     from hintpipe.sim import SimConfig
 
     return HostOptions(address=parse_address(addr), cfg=SimConfig(pages=2048), json=True, handshake_timeout_s=5)
@@ -183,7 +186,7 @@ def _host_opts(addr: str):
 
 async def _error_after_hello(addr: str, tmp_path, fds=(), wrap=lambda b: b, pages=2048) -> "Error":
     from hintpipe.protocol import FrameDecoder, GuestConnection
-    from hintpipe.proc.host import GuestServer
+    from hintpipe.paired.host import GuestServer
     from hintpipe.channel.address import parse_address
     from hintpipe.channel.stream import connect
 

@@ -69,7 +69,9 @@ class WalkerStats:
     durations: np.ndarray = field(default_factory=lambda: np.zeros(_RING, dtype=np.float64))
     _n_dur: int = 0
 
-    def _record(self, n_blocks: int, n_pages: int, dt: float, cut: bool) -> None:
+    def record_batch(self, n_blocks: int, n_pages: int, dt: float, cut: bool) -> None:
+        """Count one batch of ``n_blocks`` blocks (``n_pages`` pages) that took ``dt`` seconds;
+        ``cut``: the time budget ended it."""
         self.batches += 1
         self.blocks += n_blocks
         self.pages += n_pages
@@ -284,7 +286,7 @@ class FreeListWalker:
             if time.perf_counter() > self._deadline:
                 break
         if self._start_orders:  # budget spent starting the walk: report nothing yet
-            self.stats._record(0, 0, time.perf_counter() - t0, True)
+            self.stats.record_batch(0, 0, time.perf_counter() - t0, True)
             return _EMPTY[0].copy(), _EMPTY[1].copy()
         self._pull_log()
         room = self.batch
@@ -327,7 +329,7 @@ class FreeListWalker:
             self._active = False
             self.alloc.disable_insert_log()
         dt = time.perf_counter() - t0
-        self.stats._record(int(pfns.size), npages, dt, cut)
+        self.stats.record_batch(int(pfns.size), npages, dt, cut)
         # pfns are non-negative int64: a uint64 view, not a copy
         return pfns.view(np.uint64), orders
 

@@ -10,7 +10,9 @@ Anything the guest gets wrong ends in a protocol error sent to the guest, a clea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
+import numpy as np
 import trio
 
 from hintpipe.host.pagestate import HostPageState
@@ -64,7 +66,9 @@ class HostSession:
         self._round_end = trio.Event()
         self._next_id = first_cmd_id  # a host serving many connections keeps ids host-unique
         self._send_lock = trio.Lock()
-        self.fault_handler = None  # async callable(Fault) for guests whose faults cross the link
+        self.fault_handler: Callable[[np.ndarray], Awaitable[None]] | None = None
+        """For guests whose write faults cross the link: called with a Fault's pfns, which must be
+        marked written before it returns; the session then answers FaultDone."""
 
     async def _send(self, frame: bytes) -> None:
         """Send one frame; a guest that leaves it unread for ``send_timeout_s`` is dropped.
@@ -140,11 +144,16 @@ class HostSession:
         elif isinstance(ev, Fault):
             if self.fault_handler is None:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "Fault on a connection whose faults are handled locally")
-            await self.fault_handler(ev)
+            await self.fault_handler(ev.pfns)
+            await self.answer_fault(ev.seq)
         elif isinstance(ev, Bye):
             raise GuestGone(f"guest said goodbye: {ev.reason}")
         elif isinstance(ev, Error):
             raise GuestGone(f"guest reported error {ev.code}: {ev.message}")
+
+    async def answer_fault(self, seq: int) -> None:
+        """Release the guest writer waiting on Fault ``seq`` (FaultDone)."""
+        await self._send(self.conn.fault_done(seq))
 
     async def _ack(self) -> None:
         await self._send(self.conn.ack(1))

@@ -149,7 +149,7 @@ class TraceWalker:
         orders = np.concatenate(got_o) if got_o else np.empty(0, np.uint8)
         if n:
             pages = int((np.uint64(1) << orders.astype(np.uint64)).sum())
-            self.stats._record(n, pages, time.perf_counter() - t0, False)
+            self.stats.record_batch(n, pages, time.perf_counter() - t0, False)
         return pfns, orders
 
     def release(self, pfns, orders) -> None:

@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from hintpipe.proc.region import SharedRegion
+from hintpipe.paired.region import SharedRegion
 from hintpipe.protocol.messages import MAX_FAULT_PFNS
 
 __all__ = ["SharedWriteProtect"]

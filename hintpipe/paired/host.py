@@ -21,17 +21,18 @@ import numpy as np
 import trio
 
 from hintpipe.channel.address import Address
+from hintpipe.channel.records import V1, RecordEndpoint, record
 from hintpipe.channel.stream import AuthError, auth_server, open_listener, open_stream_endpoint, sendall
 from hintpipe.guest.workload import WorkloadStats
 from hintpipe.host.migration import MigrationEngine
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import GuestGone, HostSession
-from hintpipe.proc.control import GuestLeft, GuestStuck, HostControl
-from hintpipe.proc.mirror import V1, RecordEndpoint, record
-from hintpipe.proc.realmode import (
+from hintpipe.paired.barrier import GuestLeft, GuestStuck, HostControl
+from hintpipe.paired.mirror import MirroredRegion, MirrorReceiver
+from hintpipe.paired.handoff import (
     TCP_REFUSAL, HostRealMemory, ReceivedRam, RealMemoryError, check_backend, receive_handoff,
 )
-from hintpipe.proc.region import RegionError, SharedRegion
+from hintpipe.paired.region import RegionError, SharedRegion
 from hintpipe.protocol import ErrorCode, ProtocolError, encode
 from hintpipe.protocol.messages import CMD_ID_BASE, Error
 from hintpipe.sim import SimConfig, report
@@ -237,14 +238,17 @@ class GuestServer:
                             pass
                     print(f"hintpipe host: guest {gid}: {msg}", file=sys.stderr, flush=True)
                     return
-            async with open_stream_endpoint(sock, collect_fds=kind == "unix") as ep:
-                if kind == "tcp":
-                    ep = RecordEndpoint(ep, role="host")
+            async with open_stream_endpoint(sock, collect_fds=kind == "unix") as stream:
+                if kind != "tcp":
+                    await self._serve_guest(stream, gid, stream.take_fds, rx)
+                    return
+                mirror = MirrorReceiver(stream.queue_nowait)  # tcp: the guest streams its memory
+                ep = RecordEndpoint(stream, mirror)
                 try:
-                    await self._serve_guest(ep, gid, ep.take_fds, rx)
+                    await self._serve_guest(ep, gid, ep.take_fds, rx, mirror)
                 finally:
-                    if isinstance(ep, RecordEndpoint) and ep.region is not None:
-                        ep.region.close()  # a mirror made for a guest that was then refused
+                    if mirror.region is not None:
+                        mirror.region.close()  # a mirror made for a guest that was then refused
         finally:
             if rx is not None:
                 rx.close()
@@ -264,7 +268,8 @@ class GuestServer:
             except OSError:
                 pass
 
-    async def _serve_guest(self, ep, gid: int, take_fds, rx: ReceivedRam | None = None) -> None:
+    async def _serve_guest(self, ep, gid: int, take_fds, rx: ReceivedRam | None = None,
+                           mirror: MirrorReceiver | None = None) -> None:
         opts = self.opts
         # command ids are unique across this host's connections: a guest that reconnects never
         # sees an id of its previous connection (blocks of 2**16 rounds per connection)
@@ -276,10 +281,10 @@ class GuestServer:
             if hello.page_count > opts.max_guest_pages:
                 raise RegionError(f"a guest of {hello.page_count} pages exceeds this host's limit of "
                                   f"{opts.max_guest_pages} pages (--max-guest-pages)")
-            if isinstance(ep, RecordEndpoint):  # tcp: the mirror the guest's records fill
-                if ep.region is None or ep.region.page_count != hello.page_count:
+            if mirror is not None:  # tcp: the mirror the guest's records fill
+                if mirror.region is None or mirror.region.page_count != hello.page_count:
                     raise RegionError("tcp guest did not announce its memory (INIT record) for Hello's page_count")
-                regions.append(ep.region)
+                regions.append(mirror.region)
                 return HostPageState(hello.page_count)
             fds = take_fds()
             for extra in fds[1:]:
@@ -342,13 +347,12 @@ class GuestServer:
         control = HostControl(region, session.closed, timeout_s=opts.barrier_timeout_s)
         fault_batches = 0
 
-        async def on_fault(ev) -> None:
+        async def on_fault(pfns: np.ndarray) -> None:
             nonlocal fault_batches
-            pfns = ev.pfns.astype(np.int64)
+            pfns = pfns.astype(np.int64)
             state.on_written(pfns)
             region.protect[pfns] = 0  # after on_written: the guest writes only after FaultDone
             fault_batches += 1
-            await session._send(session.conn.fault_done(ev.seq))
 
         session.fault_handler = on_fault
 
@@ -408,7 +412,7 @@ class GuestServer:
         cfg = _report_config(opts.cfg, hello.page_count, gcfg)
         run = _Run(engine.result, state, session, _Lock(gstats.get("lock") if isinstance(gstats.get("lock"), dict) else {}),
                    _Workload(wstats), notif, time.perf_counter() - t0)
-        backend = "mirrored" if isinstance(ep, RecordEndpoint) else "shared"
+        backend = "mirrored" if isinstance(region, MirroredRegion) else "shared"
         run.wp = {"backend": backend, "faults": state.faults, "fault_messages": fault_batches,
                   "barriers": control.barriers}
         if real is not None:

@@ -1,7 +1,7 @@
 """Real guest memory in paired processes (``hintpipe guest|host --memory real``).
 
 The guest's RAM is a sealed memfd holding real page bytes (:class:`~hintpipe.linux.memfd.GuestRam`
-patterns); the control page, free mask and stats stay in the :class:`~hintpipe.proc.region.SharedRegion`
+patterns); the control page, free mask and stats stay in the :class:`~hintpipe.paired.region.SharedRegion`
 as in simulated mode. Who does what (normative text: ``protocols/wire-v1.md`` section 11.5):
 
 * The *guest* resolves ``--wp`` (``auto`` = the best backend its kernel offers), creates the RAM
@@ -262,7 +262,7 @@ class HostRealMemory:
     ``uffd-async``: the full scan before the swap and the per-chunk scans make every write before
     a send decision visible to it; a write after it is found by the next scan (the same argument
     as in :mod:`hintpipe.wp`). Pausing still uses the control page
-    (:class:`~hintpipe.proc.control.HostControl`), so the final round's scan sees every write.
+    (:class:`~hintpipe.paired.barrier.HostControl`), so the final round's scan sees every write.
     A guest stuck in the kernel on a protected page never blocks the host's trio loop: the sync
     handler is its own thread, and a barrier would only have to wait for it, not the reverse.
     """

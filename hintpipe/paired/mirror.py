@@ -1,8 +1,8 @@
 """TCP: guest memory streamed to the host (the host cannot map a remote memfd).
 
-On ``tcp:`` the byte stream is a sequence of *records* ``[type u8][length u32 LE][payload]``.
-Type 0 records carry the v1 byte stream unchanged (any split); the others keep a host-side
-*mirror* of the guest's region (same layout as :mod:`hintpipe.proc.region`) in step:
+On ``tcp:`` both directions are records (:mod:`hintpipe.channel.records`). Type 0 carries the
+v1 byte stream; the others, defined here, keep a host-side *mirror* of the guest's region (same
+layout as :mod:`hintpipe.paired.region`) in step:
 
 =====  ==============  =====  =================================================================
 type   name            dir    payload
@@ -19,7 +19,7 @@ type   name            dir    payload
 
 Records are applied in order, so the guest's "flush dirty versions + free mask, then WORD ack"
 and the host's "PROTECT_ALL, then WORD barrier_done" keep the barrier semantics of the shared
-region (see :mod:`hintpipe.proc.control`): at every barrier and at pause the host's mirror holds
+region (see :mod:`hintpipe.paired.barrier`): at every barrier and at pause the host's mirror holds
 every write that happened before, which is all the migration needs (later writes are faulted
 and resent). The guest clears its own protect bits after each FaultDone.
 """
@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-import trio
+from typing import Callable
 
-from hintpipe.proc.region import (
+import numpy as np
+
+from hintpipe.channel.records import record
+from hintpipe.paired.region import (
     OFF_BARRIER_ACK,
     OFF_BARRIER_DONE,
     OFF_BARRIER_REQ,
@@ -41,12 +43,12 @@ from hintpipe.proc.region import (
     STATS_OFFSET,
     SharedRegion,
 )
-from hintpipe.protocol import MAX_FRAME_PAYLOAD, MAX_PAGE_COUNT, ErrorCode, ProtocolError
+from hintpipe.protocol import MAX_PAGE_COUNT, ErrorCode, ProtocolError
 
-V1, INIT, VERSIONS_RANGE, VERSIONS, FREE, WORD, STATS, PROTECT_ALL = range(8)
-REC = struct.Struct("<BI")
-MAX_RECORD = MAX_FRAME_PAYLOAD + 64
-"""Largest record payload accepted (checked on the header, before buffering)."""
+__all__ = ["INIT", "VERSIONS_RANGE", "VERSIONS", "FREE", "WORD", "STATS", "PROTECT_ALL",
+           "MAX_MIRROR_PAGES", "MirroredRegion", "MirrorReceiver"]
+
+INIT, VERSIONS_RANGE, VERSIONS, FREE, WORD, STATS, PROTECT_ALL = range(1, 8)
 MAX_MIRROR_PAGES = 1 << 26
 """Largest guest (256 GiB) a host mirrors over tcp: bounds what an INIT record can make it map."""
 CHUNK_PAGES = 1 << 17  # VERSIONS/VERSIONS_RANGE pages per record (<= 1 MiB of payload)
@@ -54,29 +56,46 @@ HOST_WORDS = (OFF_BARRIER_REQ, OFF_BARRIER_DONE, OFF_PAUSE_REQ)
 GUEST_WORDS = (OFF_BARRIER_ACK, OFF_PAUSE_ACK)
 
 
-def record(rtype: int, payload: bytes = b"") -> bytes:
-    """One record's bytes."""
-    return REC.pack(rtype, len(payload)) + payload
-
-
 def _bad(msg: str) -> ProtocolError:
     return ProtocolError(ErrorCode.MALFORMED_FRAME, f"memory record: {msg}")
 
 
-class MirroredRegion(SharedRegion):
-    """A region whose changes are streamed to the peer via ``send`` (a sync enqueue of bytes)."""
+def _drop(data: bytes) -> None:
+    """Where records go before a link exists."""
 
-    def __init__(self, page_count: int, *, role: str, send) -> None:
-        base = SharedRegion.create(page_count, name=f"hintpipe-mirror-{role}")
-        self.__dict__.update(base.__dict__)
+
+class MirroredRegion(SharedRegion):
+    """A region whose changes are streamed to the peer via ``send`` (a sync enqueue of records).
+
+    Make one with :meth:`mirror`; ``role`` is the side this copy belongs to (``guest`` or
+    ``host``), which decides the records it sends and the ones it accepts.
+    """
+
+    def __init__(self, fd: int, page_count: int, *, owner: bool, role: str = "guest",
+                 send: Callable[[bytes], None] = _drop) -> None:
+        super().__init__(fd, page_count, owner=owner)
         self.role = role
         self._send = send
         self._dirty: list[np.ndarray] = []
 
+    @classmethod
+    def mirror(cls, page_count: int, *, role: str,
+               send: Callable[[bytes], None] = _drop) -> "MirroredRegion":
+        """A new zeroed region of ``page_count`` pages for ``role``, sending records to ``send``."""
+        return cls.create(page_count, name=f"hintpipe-mirror-{role}", role=role, send=send)
+
     # guest side
     def note_written(self, pfns) -> None:
+        """Guest: remember pages about to be written, to send their versions at the next flush."""
         if self.role == "guest":
             self._dirty.append(np.asarray(pfns, dtype=np.int64))
+
+    def start_sync(self, send: Callable[[bytes], None]) -> None:
+        """Guest: mirror this region over ``send`` from now on, starting with all of it (INIT,
+        every version, the free mask; before Hello). Writes noted before are covered by it."""
+        self._send = send
+        self._dirty.clear()
+        self.initial_sync()
 
     def initial_sync(self) -> None:
         """Guest: INIT, all versions, the free mask (before Hello)."""
@@ -101,18 +120,22 @@ class MirroredRegion(SharedRegion):
         self._sync_free()
 
     def write_stats(self, stats: dict) -> None:
+        """Guest: publish the stats snapshot and send it (STATS)."""
         super().write_stats(stats)
         n = int.from_bytes(self._mm[STATS_OFFSET:STATS_OFFSET + 4], "little")
         self._send(record(STATS, bytes(self._mm[STATS_OFFSET + 4:STATS_OFFSET + 4 + n])))
 
     # both sides
     def set_word(self, off: int, value: int) -> None:
+        """Write one of this side's control words and send it (WORD); a guest first flushes its
+        writes, so every ack carries the writes made before it."""
         if self.role == "guest":
             self.flush()  # every ack carries the writes before it
         super().set_word(off, value)
         self._send(record(WORD, struct.pack("<II", off, value & 0xFFFFFFFF)))
 
     def protect_all(self) -> None:
+        """Host: protect every page and tell the guest (PROTECT_ALL)."""
         super().protect_all()
         self._send(record(PROTECT_ALL))
 
@@ -162,72 +185,29 @@ class MirroredRegion(SharedRegion):
         else:
             raise _bad(f"record type {rtype} is never sent to a host")
 
+    def on_record(self, rtype: int, body: bytes) -> None:
+        """A record from the peer (the :class:`~hintpipe.channel.records.RecordHandler` hook)."""
+        if rtype == INIT:
+            raise _bad("INIT twice")
+        self.apply(rtype, body)
 
-class RecordEndpoint:
-    """Frame endpoint over a stream endpoint that speaks the record layer (tcp).
 
-    The host side creates its mirror when the guest's INIT arrives (``region``); the guest side
-    is given its mirror. ``receive`` applies memory records and returns the v1 bytes.
-    """
+class MirrorReceiver:
+    """Host side of a tcp guest's memory: the mirror its first record (INIT) creates, then
+    every later record applied to it; records toward the guest go to ``send``."""
 
-    def __init__(self, stream, *, role: str, region: MirroredRegion | None = None) -> None:
-        self.stream = stream
-        self.role = role
-        self.region = region
-        self._buf = bytearray()
-        self.stats = stream.stats
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self.region: MirroredRegion | None = None
+        self._send = send
 
-    def send_nowait(self, data: bytes) -> None:
-        """Enqueue raw record bytes (memory records: bounded by the guest size)."""
-        self.stream.queue_nowait(data)
-
-    async def send_frame(self, frame: bytes) -> None:
-        await self.stream.send_frame(record(V1, frame))
-
-    async def receive(self) -> bytes:
-        while True:
-            out = self._parse()
-            if out:
-                await trio.lowlevel.checkpoint()
-                return out
-            data = await self.stream.receive()
-            if not data:
-                if self._buf:
-                    raise _bad("stream ended inside a record")
-                return b""
-            self._buf += data
-
-    def _parse(self) -> bytes:
-        out = bytearray()
-        pos = 0
-        buf = self._buf
-        while len(buf) - pos >= REC.size:
-            rtype, length = REC.unpack_from(buf, pos)
-            if length > MAX_RECORD:
-                raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"memory record of {length} bytes")
-            if len(buf) - pos - REC.size < length:
-                break
-            body = bytes(buf[pos + REC.size:pos + REC.size + length])
-            pos += REC.size + length
-            if rtype == V1:
-                out += body
-            elif self.role == "host" and self.region is None:
-                if rtype != INIT or len(body) != 8:
-                    raise _bad("the guest's first record must be INIT")
-                (pages,) = struct.unpack("<Q", body)
-                if not 1 <= pages <= min(MAX_PAGE_COUNT, MAX_MIRROR_PAGES):
-                    raise _bad(f"INIT page_count {pages} out of range")
-                self.region = MirroredRegion(pages, role="host", send=self.send_nowait)
-            elif rtype == INIT:
-                raise _bad("INIT twice")
-            else:
-                self.region.apply(rtype, body)
-        del buf[:pos]
-        return bytes(out)
-
-    def take_fds(self) -> list[int]:
-        """No fds on tcp."""
-        return []
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+    def on_record(self, rtype: int, body: bytes) -> None:
+        """Create the mirror from INIT, or apply a record to it (bad ones raise ProtocolError)."""
+        if self.region is not None:
+            self.region.on_record(rtype, body)
+            return
+        if rtype != INIT or len(body) != 8:
+            raise _bad("the guest's first record must be INIT")
+        (pages,) = struct.unpack("<Q", body)
+        if not 1 <= pages <= min(MAX_PAGE_COUNT, MAX_MIRROR_PAGES):
+            raise _bad(f"INIT page_count {pages} out of range")
+        self.region = MirroredRegion.mirror(pages, role="host", send=self._send)

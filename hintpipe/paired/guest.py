@@ -4,7 +4,7 @@ The guest boots its allocator and workload with RAM (versions, free mask) in a s
 (:class:`SharedRegion`), connects, hands the memfd to the host (SCM_RIGHTS with its Hello on
 ``unix:``; in the shm transport's setup message on ``shm:``) and then runs its workload and its
 hinting producer in real time until the host sends ``Done``. Writes to pages the host protected
-are faulted over the link (:mod:`hintpipe.proc.control`).
+are faulted over the link (:mod:`hintpipe.paired.barrier`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from hintpipe.channel.address import Address
+from hintpipe.channel.records import RecordEndpoint
 from hintpipe.channel.stream import auth_client, connect, open_stream_endpoint
 from hintpipe.guest.buddy import BuddyAllocator
 from hintpipe.guest.memory import GuestMemory, RealGuestMemory
@@ -23,10 +24,10 @@ from hintpipe.guest.producer import MigrationFailed, Producer
 from hintpipe.guest.walker import FreeListWalker
 from hintpipe.guest.workload import Workload
 from hintpipe.guest.zonelock import ZoneLock
-from hintpipe.proc.control import guest_control_loop
-from hintpipe.proc.mirror import MirroredRegion, RecordEndpoint
-from hintpipe.proc.realmode import TCP_REFUSAL, GuestRealRam, send_handoff
-from hintpipe.proc.region import SharedRegion
+from hintpipe.paired.barrier import guest_control_loop
+from hintpipe.paired.mirror import MirroredRegion
+from hintpipe.paired.handoff import TCP_REFUSAL, GuestRealRam, send_handoff
+from hintpipe.paired.region import SharedRegion
 from hintpipe.sim import SimConfig
 from hintpipe.wp.base import UNTRACKED, GatedTracker
 from hintpipe.wp.shared import SharedWriteProtect
@@ -81,10 +82,8 @@ async def _open_endpoint(stack: AsyncExitStack, opts: GuestOptions, region: Shar
             with trio.fail_after(opts.connect_timeout_s):
                 await auth_client(sock, opts.secret)
         stream = await stack.enter_async_context(open_stream_endpoint(sock))
-        ep = RecordEndpoint(stream, role="guest", region=region)
-        region._send = ep.send_nowait
-        region._dirty.clear()
-        region.initial_sync()  # INIT, versions, free mask: before Hello, in stream order
+        ep = RecordEndpoint(stream, region)
+        region.start_sync(ep.send_nowait)  # INIT, versions, free mask: before Hello, in stream order
         return ep
     return await stack.enter_async_context(open_stream_endpoint(sock, first_fds=[region.fd]))
 
@@ -111,7 +110,7 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
     if cfg.memory == "real" and opts.address.kind == "tcp":
         return GuestOutcome(False, TCP_REFUSAL)
     if opts.address.kind == "tcp":  # no fd passing: a local region mirrored to the host
-        region = MirroredRegion(n, role="guest", send=lambda data: None)
+        region = MirroredRegion.mirror(n, role="guest")
     else:
         region = SharedRegion.create(n)
     try:

@@ -1,8 +1,8 @@
-"""Write-protect faults and round barriers across the process boundary.
+"""Round barriers and the pause across the process boundary, on the region's control words.
 
-The protection bitmap is ``region.protect`` (shared). A guest write checks it; protected pages
-are reported with ``Fault(seq, pfns)`` and written only after ``FaultDone(seq)``, by which time the
-host has marked them written (dirty, skip cleared) and cleared their protection.
+The guest's writes to protected pages are faulted over the link
+(:class:`~hintpipe.wp.shared.SharedWriteProtect`): a write checks ``region.protect`` and reports
+protected pages with ``Fault(seq, pfns)``, writing them only after ``FaultDone(seq)``.
 
 The check-then-write race
 -------------------------
@@ -35,7 +35,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from hintpipe.proc.region import (
+from hintpipe.paired.region import (
     OFF_BARRIER_ACK,
     OFF_BARRIER_DONE,
     OFF_BARRIER_REQ,

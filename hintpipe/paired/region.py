@@ -15,7 +15,7 @@ little-endian; ``align`` rounds up to 4096)::
 
 Each control word has exactly one writer, so no cross-process atomic read-modify-write is needed:
 the host writes ``barrier_req``, ``barrier_done`` and ``pause_req``; the guest writes
-``barrier_ack`` and ``pause_ack`` (see :mod:`hintpipe.proc.control` for the handshakes).
+``barrier_ack`` and ``pause_ack`` (see :mod:`hintpipe.paired.barrier` for the handshakes).
 
 The memfd must carry ``F_SEAL_SHRINK``: a guest that truncated a mapped memfd would make the
 host's next access die with SIGBUS; with the seal the kernel refuses the truncation.
@@ -69,6 +69,7 @@ class SharedRegion:
         self.fd = fd
         self.page_count = page_count
         self.owner = owner
+        self._closed = False
         v, p, f, total = region_layout(page_count)
         self.size = total
         self._mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -81,12 +82,13 @@ class SharedRegion:
 
     # -- guest side ------------------------------------------------------------------------
     @classmethod
-    def create(cls, page_count: int, name: str = "hintpipe-guest-ram") -> "SharedRegion":
-        """Guest: a new zeroed, shrink-sealed memfd region for ``page_count`` pages."""
+    def create(cls, page_count: int, name: str = "hintpipe-guest-ram", **kw) -> "SharedRegion":
+        """Guest: a new zeroed, shrink-sealed memfd region for ``page_count`` pages (``kw`` goes
+        to the constructor of a subclass)."""
         total = region_layout(page_count)[3]
         fd = sealed_memfd(total, name)
         try:
-            reg = cls(fd, page_count, owner=True)
+            reg = cls(fd, page_count, owner=True, **kw)
         except BaseException:
             os.close(fd)
             raise
@@ -161,7 +163,7 @@ class SharedRegion:
 
     def close(self) -> None:
         """Drop the views and the mapping, close the fd (once: the number may be reused)."""
-        if self.__dict__.get("_closed"):
+        if self._closed:
             return
         self._closed = True
         self._unmap()

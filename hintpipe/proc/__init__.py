@@ -1,1 +1,0 @@
-"""Paired guest and host processes: shared guest RAM, round barriers, the two process drivers."""
