@@ -396,11 +396,12 @@ def inproc_link(n_blocks: int, pages: int, event_idx: bool, queue_size: int = 25
 def sim_notifications(pages: int) -> dict:
     """Kicks per Hints batch in a whole simulated migration (batch 32), EVENT_IDX on and off."""
     from hintpipe.guest.workload import WorkloadConfig
-    from hintpipe.sim import SimConfig, run_sim
+    from hintpipe.config import RunConfig
+    from hintpipe.inprocess import run_demo
 
     out = {}
     for ev in (True, False):
-        r = run_sim(SimConfig(pages=pages, workload=WorkloadConfig.idle(), event_idx=ev), baseline=False)
+        r = run_demo(RunConfig(pages=pages, workload=WorkloadConfig.idle(), event_idx=ev, baseline=False))
         n = r["notifications"]
         msgs = max(1, r["hints"]["messages"])
         out["event_idx" if ev else "no_event_idx"] = {**n, "hints_messages": msgs,

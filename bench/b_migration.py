@@ -1,6 +1,6 @@
 """Benchmark 7: migration outcome, pages sent and virtual migration time, hinting on and off.
 
-Whole simulated migrations (``run_sim``: the hinted run and its no-hinting baseline, same seed)
+Whole simulated migrations (``run_demo``: the hinted run and its no-hinting baseline, same seed)
 of idle and churning guests of 4 GiB and 8 GiB over 10 and 100 Gbit/s links, next to the
 published figures of Wei Wang's series (8 GB guest: idle 2970 -> 620 ms, compiling Linux
 4502 -> 2273 ms). The simulated times are trio MockClock seconds (link time of the pages sent
@@ -20,10 +20,11 @@ def one(pages: int, kind: str, gbit: float) -> dict:
     """One hinted migration and its baseline; the figures of the table."""
     from hintpipe.guest.workload import WorkloadConfig
     from hintpipe.host.migration import MigrationConfig
-    from hintpipe.sim import SimConfig, run_sim
+    from hintpipe.config import RunConfig
+    from hintpipe.inprocess import run_demo
 
     wl = WorkloadConfig.idle() if kind == "idle" else WorkloadConfig()
-    r = run_sim(SimConfig(pages=pages, workload=wl, migration=MigrationConfig(bandwidth_gbit=gbit)))
+    r = run_demo(RunConfig(pages=pages, workload=wl, migration=MigrationConfig(bandwidth_gbit=gbit)))
     m = r["migration"]
     t, tb = m["time_s"], m["time_s_baseline"]
     return {"pages": pages, "gib": pages >> 18, "workload": kind, "gbit": gbit,

@@ -2,7 +2,7 @@
 
 Figures per recording (``../shared/traces/*``; the small slices in tests/data/traces when that is
 absent, said in the output): events per wall second of ``hintpipe replay`` (parse + replay
-model + hinted migration; ``ReplayConfig(baseline=False)``, and with its no-hinting baseline
+model + hinted migration; ``RunConfig.for_replay(baseline=False)``, and with its no-hinting baseline
 migration as the CLI runs by default), of the import alone (tracefs parse + model apply to the
 end) and of the parse alone. Baseline in the same run: a naive replay, a regex over the
 decompressed text and a numpy apply (alloc clears the pages, free sets them, batched frees
@@ -67,7 +67,8 @@ def _facts(rec: Path) -> dict | None:
 def bench_recording(rec: Path, quick: bool) -> dict:
     """All figures for one recording."""
     from hintpipe.trace.recording import open_trace
-    from hintpipe.trace.replay import ReplayConfig, replay
+    from hintpipe.config import RunConfig
+    from hintpipe.trace.replay import replay
 
     reps = 2 if quick else 5
     out: dict = {"recording": str(rec), "name": rec.name}
@@ -89,7 +90,7 @@ def bench_recording(rec: Path, quick: bool) -> dict:
                      "mevents_per_s": events / timp["median_s"] / 1e6}
     reports = {}
     for label, base, n in (("hinting", False, reps), ("hinting+baseline", True, 1 if quick else 3)):
-        runs = [replay(tr, ReplayConfig(baseline=base)) for _ in range(n)]
+        runs = [replay(tr, RunConfig.for_replay(baseline=base)) for _ in range(n)]
         eps = [r["events_per_s"] / 1e6 for r in runs]
         last = runs[-1]
         mig = last["migration"]

@@ -1,8 +1,8 @@
 """Benchmark 6: scaling, one simulated migration per guest size, each in a fresh process.
 
 Idle workload (cheap: the figure is the pipeline's own cost), hinting on, no baseline migration
-(``run_sim(..., baseline=False)``), 10 Gbit/s. Each size runs in a new interpreter so its peak
-RSS (``ru_maxrss``) is its own; wall time is measured inside the child around ``run_sim`` and
+(``run_demo`` with ``baseline=False``), 10 Gbit/s. Each size runs in a new interpreter so its peak
+RSS (``ru_maxrss``) is its own; wall time is measured inside the child around ``run_demo`` and
 for the whole child (interpreter start and imports included). Sizes: 2**18..2**24 pages (1 GiB
 to 64 GiB) in --quick, up to 2**28 (1 TiB) in the full run. Goal: 1 TiB in <= 60 s, <= 4 GiB.
 The idle workload ticks every 20 ms of virtual time here (``TICK_S``; the default is 2 ms).
@@ -27,10 +27,11 @@ TICK_S = 0.02
 def one_size(pages: int, tick_s: float = TICK_S) -> dict:
     """Child body: one idle hinted migration of ``pages`` pages; the figures the table needs."""
     from hintpipe.guest.workload import WorkloadConfig
-    from hintpipe.sim import SimConfig, run_sim
+    from hintpipe.config import RunConfig
+    from hintpipe.inprocess import run_demo
 
     t0 = time.perf_counter()
-    r = run_sim(SimConfig(pages=pages, workload=WorkloadConfig.idle(tick_s=tick_s)), baseline=False)
+    r = run_demo(RunConfig(pages=pages, workload=WorkloadConfig.idle(tick_s=tick_s), baseline=False))
     wall = time.perf_counter() - t0
     m = r["migration"]
     return {"pages": pages, "gib": pages * 4096 / 2**30, "wall_s": wall, "tick_s": tick_s,

@@ -83,9 +83,10 @@ def measure(alloc: BuddyAllocator, batch: int, min_order: int, min_batches: int,
 
 def stall_run(pages: int, batch: int = 32) -> dict:
     """Allocation stall under churn: one hinted simulated migration, ZoneLock summary."""
-    from hintpipe.sim import SimConfig, run_sim
+    from hintpipe.config import RunConfig
+    from hintpipe.inprocess import run_demo
 
-    r = run_sim(SimConfig(pages=pages, batch=batch), baseline=False)
+    r = run_demo(RunConfig(pages=pages, batch=batch, baseline=False))
     return {"pages": pages, "batch": batch, "lock": r["lock"], "wall_s": r["wall_s"],
             "lost_pages": r["migration"]["lost_pages"], "workload": r["workload"]}
 

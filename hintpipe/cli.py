@@ -61,10 +61,10 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
 
 
 def sim_config_from(args: argparse.Namespace):
-    """Build a :class:`SimConfig` from parsed options (raises UsageError on bad combinations)."""
+    """Build a :class:`RunConfig` from parsed options (raises UsageError on bad combinations)."""
+    from hintpipe.config import RunConfig
     from hintpipe.guest.workload import WorkloadConfig
     from hintpipe.host.migration import MigrationConfig
-    from hintpipe.sim import SimConfig
 
     wkw = {"seed": args.seed}
     if args.ops_per_s is not None:
@@ -74,7 +74,7 @@ def sim_config_from(args: argparse.Namespace):
     try:
         wl = WorkloadConfig.idle(**wkw) if args.workload == "idle" else WorkloadConfig(**wkw)
         mig = MigrationConfig(bandwidth_gbit=args.bandwidth, max_rounds=args.max_rounds, downtime_ms=args.downtime_ms)
-        return SimConfig(
+        return RunConfig(
             pages=args.size,
             workload=wl,
             migration=mig,
@@ -88,41 +88,19 @@ def sim_config_from(args: argparse.Namespace):
         raise UsageError(str(e)) from None
 
 
-def format_summary(rep: dict) -> str:
-    """Human-readable summary of a migration report (the same figures as --json)."""
-    c, m, h, lk = rep["config"], rep["migration"], rep["hints"], rep["lock"]
-    base = m.get("pages_sent_baseline")
-    lines = [
-        f"guest {c['gib']} GiB ({c['pages']} pages), workload {c['workload']}, "
-        f"link {c['bandwidth_gbit']} Gbit/s, race mode {c['race_mode']}, batch {c['batch']}, min order {c['min_order']}",
-        f"pages sent        {m['pages_sent']:>12,}" + (f"   (baseline without hinting {base:,}, saved {m.get('pages_saved_pct', 0)}%)" if base else ""),
-        f"pages skipped     {m['pages_skipped']:>12,}   skip efficiency {m['skip_efficiency']}",
-        f"rounds            {m['rounds']:>12}   migration time {m['time_s']:.3f} s"
-        + (f" (baseline {m['time_s_baseline']:.3f} s)" if m.get("time_s_baseline") is not None else "")
-        + f", downtime {m['downtime_ms']:.1f} ms",
-        f"hints             {h['messages']:>12,} messages, {h['ranges']:,} ranges, {h['pages']:,} pages"
-        f" ({h['stale_messages']} stale dropped)",
-        f"write faults      {rep['faults']:>12,}",
-        f"zone lock         max hold {lk['max_hold_us']} us (per batch p99 {lk['p99_hold_us']} us, "
-        f"walk start {lk.get('max_round_start_hold_us', 0)} us), max allocation wait {lk['max_alloc_wait_us']} us",
-        f"verification      {m['allocated_pages']:,} allocated pages checked, lost {m['lost_pages']}: "
-        + ("VERIFIED" if m["verified"] else "LOSS DETECTED"),
-    ]
-    return "\n".join(lines)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from hintpipe.sim import run_sim
+    from hintpipe.inprocess import run_demo
+    from hintpipe.report import format_summary
     from hintpipe.wp import UffdUnavailable
 
     try:
-        cfg = replace(sim_config_from(args), memory=args.memory, wp=args.wp)
+        cfg = replace(sim_config_from(args), memory=args.memory, wp=args.wp, baseline=not args.no_baseline)
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        rep = run_sim(cfg, baseline=not args.no_baseline)
+        rep = run_demo(cfg)
     except UffdUnavailable as e:  # asked for by name and missing here: say what, never fall back
         raise UsageError(e.reason) from None
     if args.json:
@@ -132,35 +110,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if rep["migration"]["verified"] else 1
 
 
-def format_replay(rep: dict) -> str:
-    """Human-readable summary of ``hintpipe replay``."""
-    t, i, f = rep["trace"], rep["initial"], rep["final"]
-    head = [
-        f"trace {t['path']} ({t['kind']}): {t['events']:,} events over {t['span_s']:.3f} s, {t['pages']:,} pages",
-        f"initial free pages {i['free_pages']:,} (buddyinfo.start {i['reference_free_pages']}), "
-        f"by order {i['free_by_order']}",
-        f"final free pages   {f['free_pages']:,} (buddyinfo.end {f['reference_free_pages']}, "
-        f"error {f['error_pages']} pages = {f['error_pct']}%)",
-    ]
-    rep2 = {"config": {"gib": round(t["pages"] * PAGE_SIZE / 2**30, 2), "pages": t["pages"], "workload": "replay",
-                       **rep["config"]}, **{k: rep[k] for k in ("migration", "hints", "faults", "lock")}}
-    rep2["hints"].setdefault("stale_messages", 0)
-    tail = f"replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s; parse {rep['parse_s']} s)"
-    return "\n".join(head) + "\n" + format_summary(rep2) + "\n" + tail
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
+    from hintpipe.config import RunConfig
     from hintpipe.host.migration import MigrationConfig
+    from hintpipe.report import format_replay
     from hintpipe.trace import TraceError, open_trace
-    from hintpipe.trace.replay import ReplayConfig, ReplayUsageError, replay
+    from hintpipe.trace.replay import ReplayUsageError, replay
 
     try:
-        cfg = ReplayConfig(
+        cfg = RunConfig.for_replay(
+            write_rate=args.write_rate, seed=args.seed,
             min_order=args.min_order, batch=args.batch, race_mode=args.race_mode,
             migration=MigrationConfig(bandwidth_gbit=args.bandwidth, max_rounds=args.max_rounds,
                                       downtime_ms=args.downtime_ms),
-            queue_size=args.queue_size, write_rate=args.write_rate, seed=args.seed,
-            baseline=not args.no_baseline,
+            queue_size=args.queue_size, event_idx=not args.no_event_idx, baseline=not args.no_baseline,
         )
         trace = open_trace(args.trace, skip_bad=args.skip_bad)
         rep = replay(trace, cfg)
@@ -265,7 +228,7 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def _paired_config(args: argparse.Namespace, *, guest: bool):
-    """The guest's or host's SimConfig with ``--memory``/``--wp`` checked (UsageError otherwise).
+    """The guest's or host's RunConfig with ``--memory``/``--wp`` checked (UsageError otherwise).
 
     The guest resolves ``--wp`` (``auto``: the best backend its kernel offers; a backend named but
     unavailable: one sentence, exit 2). The host probes a named real backend the same way but keeps

@@ -37,7 +37,7 @@ async def test_guest_that_stops_reading_is_dropped(autojump_clock):
             await session.closed.wait()
         assert session.closed.is_set()
     assert "stopped reading" in session.failure
-    assert 0 < session.stats.acks_sent <= 16  # bounded by the 16-slot queue toward the guest
+    assert 0 < session.conn.acks_sent <= 16  # bounded by the 16-slot queue toward the guest
 
 
 async def test_guest_that_withholds_round_end_gets_an_error(autojump_clock):

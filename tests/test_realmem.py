@@ -20,8 +20,8 @@ from hintpipe.host.migration import MigrationConfig, MigrationEngine
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.linux import userfaultfd as u
 from hintpipe.linux.memfd import verify_words, write_pages_nogil
-from hintpipe.realmem import RealMachine
-from hintpipe.sim import SimConfig, migrate_guest, run_sim
+from hintpipe.config import RunConfig
+from hintpipe.inprocess import RealMachine, migrate_guest, run_demo
 from hintpipe.wp import make_backend, resolve_backend
 
 SMALL = 1 << 13      # 32 MiB guest for whole migrations
@@ -37,11 +37,11 @@ def _need(backend: str) -> None:
             pytest.skip(f"{backend} unavailable on this kernel: {e.reason}")
 
 
-def _cfg(**kw) -> SimConfig:
+def _cfg(**kw) -> RunConfig:
     base = dict(pages=SMALL, memory="real", workload=WorkloadConfig(seed=5, ops_per_s=20_000.0),
                 migration=MigrationConfig(bandwidth_gbit=1.0))
     base.update(kw)
-    return SimConfig(**base)
+    return RunConfig(**base)
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ async def test_async_write_scan_then_late_hint_is_refused(rig):
     marked = state.apply_hints(np.array([[128, 8]]))  # a hint from a walk before the write lands
     assert not state.skip[130]                        # refused: written this round
     assert state.skip[128] and marked == 7
-    assert state.hints.pages_refused_written == 1
+    assert state.pages_refused_written == 1
 
 
 @pytest.mark.parametrize("rig", ["uffd-async"], indirect=True)
@@ -190,7 +190,7 @@ def test_auto_picks_the_best_working_backend_and_reports_it():
             break
         except u.UffdUnavailable:
             continue
-    rep = run_sim(_cfg(wp="auto", pages=1 << 12), baseline=False)
+    rep = run_demo(_cfg(wp="auto", pages=1 << 12, baseline=False))
     assert rep["wp"]["backend"] == expect == rep["config"]["wp"]
     assert rep["migration"]["verified"]
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from hintpipe.cli import main
+from hintpipe.config import RunConfig
 from hintpipe.host.migration import MigrationConfig
 from hintpipe.trace import EventBatch, convert, open_trace
 from hintpipe.trace.model import ReplayModel
-from hintpipe.trace.replay import ReplayConfig, ReplayUsageError, TraceWalker, replay, replay_migration
+from hintpipe.trace.replay import ReplayUsageError, TraceWalker, replay, replay_migration
 
 DATA = Path(__file__).parent / "data" / "traces"
-FAST = ReplayConfig(migration=MigrationConfig(bandwidth_gbit=100.0))
+FAST = RunConfig.for_replay(migration=MigrationConfig(bandwidth_gbit=100.0))
 
 
 @pytest.mark.parametrize("name", ["numpy-churn", "tar-gzip"])
@@ -35,7 +36,7 @@ def test_converted_trace_replays_identically(tmp_path):
     src = DATA / "numpy-churn"
     out = tmp_path / "churn.hpt"
     convert(src, out)
-    cfg = ReplayConfig(migration=MigrationConfig(bandwidth_gbit=100.0), baseline=False)
+    cfg = RunConfig.for_replay(migration=MigrationConfig(bandwidth_gbit=100.0), baseline=False)
     a, b = replay(open_trace(src), cfg), replay(open_trace(out), cfg)
     for key in ("events", "span_s", "pages"):
         assert a["trace"][key] == b["trace"][key]
@@ -66,13 +67,13 @@ def test_trace_walker_reports_only_free_blocks_once_per_round():
 
 def test_isolate_is_refused_with_a_reason():
     with pytest.raises(ReplayUsageError, match="detect mode only"):
-        ReplayConfig(race_mode="isolate")
+        RunConfig.for_replay(race_mode="isolate")
 
 
 async def test_replay_with_extra_writes_still_verifies(autojump_clock):
     trace = open_trace(DATA / "numpy-churn")
     events = EventBatch.concat(list(trace.batches()))
-    cfg = ReplayConfig(migration=MigrationConfig(bandwidth_gbit=50.0), write_rate=200_000, baseline=False)
+    cfg = RunConfig.for_replay(migration=MigrationConfig(bandwidth_gbit=50.0), write_rate=200_000, baseline=False)
     run = await replay_migration(trace, events, cfg)
     assert run.result.lost_pages == 0
     assert run.workload.pages_written > 0

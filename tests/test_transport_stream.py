@@ -179,9 +179,9 @@ def test_memory_records_mirror_the_guest_and_reject_overreach():
 def _host_opts(addr: str):
     from hintpipe.channel.address import parse_address
     from hintpipe.paired.host import HostOptions
-    from hintpipe.sim import SimConfig
+    from hintpipe.config import RunConfig
 
-    return HostOptions(address=parse_address(addr), cfg=SimConfig(pages=2048), json=True, handshake_timeout_s=5)
+    return HostOptions(address=parse_address(addr), cfg=RunConfig(pages=2048), json=True, handshake_timeout_s=5)
 
 
 async def _error_after_hello(addr: str, tmp_path, fds=(), wrap=lambda b: b, pages=2048) -> "Error":

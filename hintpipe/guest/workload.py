@@ -45,9 +45,20 @@ class WorkloadConfig:
         base.update(kw)
         return cls(**base)
 
+    @classmethod
+    def replay(cls, **kw) -> "WorkloadConfig":
+        """A recorded kernel as the guest (``hintpipe replay``): the trace decides every
+        allocation; ``write_pages_per_s`` extra writes go to allocated pages each ``tick_s``."""
+        base = dict(kind="replay", static_fraction=0.0, churn_fraction=0.0, ops_per_s=0.0,
+                    write_pages_per_s=0.0, tick_s=0.02)
+        base.update(kw)
+        return cls(**base)
+
     def __post_init__(self) -> None:
-        if self.kind not in ("idle", "churn"):
+        if self.kind not in ("idle", "churn", "replay"):
             raise ValueError(f"unknown workload {self.kind!r} (idle or churn)")
+        if self.tick_s <= 0 or self.ops_per_s < 0 or self.write_pages_per_s < 0:
+            raise ValueError("tick must be > 0 and operation and write rates >= 0")
         if not 0 <= self.static_fraction + self.churn_fraction < 1:
             raise ValueError("static_fraction + churn_fraction must be in [0, 1)")
         for order, weight in self.order_mix:

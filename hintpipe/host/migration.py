@@ -1,4 +1,4 @@
-"""Pre-copy live migration in trio time, with free page hinting, and the loss oracle.
+"""Pre-copy live migration in trio time, with free page hinting, the loss oracle and the driver.
 
 Round 0 sends every page, each later round the pages written during the previous one; pages
 in the skip bitmap are not sent. The link is modelled by sleeping ``bytes * 8 / bandwidth`` per
@@ -8,6 +8,10 @@ under that round's command id and stops before the next round's write tracking s
 stops hinting before its dirty-bitmap sync). When the rest would fit the downtime target, or at
 the round limit, the guest is paused and the rest is sent (stop-and-copy). The verifier then
 compares every allocated page at the destination with the source: ``lost_pages`` must be 0.
+
+:func:`drive_migration` runs an engine beside the host session that serves its guest and tells
+the guest the verdict: the one driver of ``hintpipe demo``, ``hintpipe replay`` and ``hintpipe
+host``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from hintpipe.units import PAGE_SIZE
 from hintpipe.host.pagestate import HostPageState
+from hintpipe.host.session import HostSession
+from hintpipe.units import PAGE_SIZE
 
 
 VERIFY_CHUNK_PAGES = 4096  # pages compared per step by the oracle (16 MiB of real memory)
@@ -128,7 +133,7 @@ class MigrationEngine:
     read_source: Callable[[np.ndarray], np.ndarray]
     free_mask: Callable[[], np.ndarray]
     pause_guest: Callable[[], Awaitable[None]]
-    session: object | None = None
+    session: HostSession | None = None
     before_chunk: Callable[[int, int], Awaitable[None]] | None = None
     start_round: Callable[[int], None | Awaitable[None]] | None = None
     dest: np.ndarray | None = None
@@ -244,7 +249,7 @@ class MigrationEngine:
         res.pages_sent = sum(r.sent for r in res.round_reports)
         res.pages_skipped = sum(r.skipped for r in res.round_reports)
         if self.session is not None:
-            res.guest_failure = getattr(self.session, "failure", None)
+            res.guest_failure = self.session.failure
         self.verify()
         return res
 
@@ -266,3 +271,53 @@ class MigrationEngine:
         self.result.lost_pages = lost
         self.result.verified = lost == 0
         return lost
+
+
+async def drive_migration(engine: MigrationEngine, *, cancel_on_disconnect: bool = False,
+                          aborts: tuple[type[BaseException], ...] = (),
+                          before_done: Callable[[], None] | None = None,
+                          linger_s: float = 1.0) -> str | None:
+    """Run ``engine`` while its session (if any, handshake done) serves the guest's frames, then
+    tell the guest the verdict; return None when the migration ran to its end, else why not.
+
+    A migration ends early when the engine raises one of ``aborts`` (a guest stuck at a barrier,
+    guest RAM gone) or, with ``cancel_on_disconnect``, when the guest's connection ends first: its
+    vCPUs live on the other side of it, so the migration cannot go on (an in-process guest's can:
+    there hinting just stops). ``before_done`` runs before ``Done`` is sent (a sync userfaultfd
+    backend lifts all protection there, so no guest writer stays blocked). After ``Done`` the
+    guest has ``linger_s`` to read it and leave. Whether the migration verified is in
+    ``engine.result``.
+    """
+    session = engine.session
+    failure: str | None = None
+    finished = False
+    async with trio.open_nursery() as nursery:
+        engine_scope = trio.CancelScope()
+        if session is not None:
+            nursery.start_soon(session.serve)
+            if cancel_on_disconnect:
+                async def watch() -> None:
+                    await session.closed.wait()
+                    if not finished:
+                        engine_scope.cancel()
+
+                nursery.start_soon(watch)
+        with engine_scope:
+            try:
+                await engine.run()
+                finished = True
+            except aborts as e:
+                failure = str(e)
+        if not finished and failure is None:
+            failure = f"guest left mid-migration: {session.failure or 'connection closed'}"
+        if before_done is not None:
+            before_done()
+        if finished and session is not None:
+            res = engine.result
+            await session.finish(res.verified, {"lost_pages": res.lost_pages, "verified": res.verified,
+                                                "pages_sent": res.pages_sent, "rounds": res.rounds})
+            with trio.move_on_after(linger_s):
+                await session.closed.wait()  # the guest leaves once it has read Done
+        finished = True
+        nursery.cancel_scope.cancel()
+    return failure

@@ -22,23 +22,11 @@ fault's setting of ``written`` and clearing of ``skip``, or a stale skip could s
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
 from hintpipe.protocol.messages import MAX_RANGE_ORDER
 from hintpipe.units import run_pages
-
-
-@dataclass
-class HintStats:
-    """What hints did to the bitmap."""
-
-    batches: int = 0
-    ranges: int = 0
-    pages: int = 0
-    pages_marked: int = 0
-    pages_refused_written: int = 0
 
 
 class HostPageState:
@@ -57,7 +45,11 @@ class HostPageState:
         self.invalidate = invalidate
         self.lock = threading.Lock()
         self.faults = 0
-        self.hints = HintStats()
+        """First writes to protected pages (each invalidated a skip and dirtied its page)."""
+        self.pages_marked = 0
+        """Pages hints newly put into the skip bitmap."""
+        self.pages_refused_written = 0
+        """Hinted pages left out of the skip bitmap because they were written this round."""
 
     def begin_round(self) -> None:
         """Protect every page again; what was written last round becomes this round's send set."""
@@ -99,14 +91,11 @@ class HostPageState:
         # validated values are < 2**40, so the int64 view is exact (and indexes without a cast)
         starts = ranges[:, 0].view(np.int64)
         sizes = ranges[:, 1].view(np.int64)
-        self.hints.batches += 1
-        self.hints.ranges += n
         total = int(sizes.sum())
-        self.hints.pages += total
         with self.lock:
             marked, refused = self._apply_locked(starts, sizes, total)
-        self.hints.pages_marked += marked
-        self.hints.pages_refused_written += refused
+        self.pages_marked += marked
+        self.pages_refused_written += refused
         return marked
 
     def _apply_locked(self, starts: np.ndarray, sizes: np.ndarray, total: int) -> tuple[int, int]:

@@ -9,7 +9,6 @@ Anything the guest gets wrong ends in a protocol error sent to the guest, a clea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -36,18 +35,6 @@ class GuestGone(Exception):
     """The guest closed the connection or broke the protocol; ``str()`` says which."""
 
 
-@dataclass
-class SessionStats:
-    """Per-connection counters."""
-
-    frames: int = 0
-    hint_frames: int = 0
-    stale_frames: int = 0
-    stale_ranges: int = 0
-    acks_sent: int = 0
-    round_ends: int = 0
-
-
 class HostSession:
     """Serve one guest over ``endpoint`` (``send_frame``, ``receive``, ``aclose``)."""
 
@@ -60,7 +47,6 @@ class HostSession:
         self.window = window
         self.state: HostPageState | None = None
         self.hello: Hello | None = None
-        self.stats = SessionStats()
         self.failure: str | None = None
         self.closed = trio.Event()
         self._round_end = trio.Event()
@@ -111,7 +97,6 @@ class HostSession:
         try:
             while True:
                 ev = await self._next_event()
-                self.stats.frames += 1
                 await self._handle(ev)
         except ProtocolError as e:
             self.failure = f"protocol error from guest: {e}"
@@ -131,15 +116,11 @@ class HostSession:
 
     async def _handle(self, ev) -> None:
         if isinstance(ev, Hints):
-            self.stats.hint_frames += 1
             self.state.apply_hints(ev.ranges)
             await self._ack()
         elif isinstance(ev, StaleHints):
-            self.stats.stale_frames += 1
-            self.stats.stale_ranges += ev.n_ranges
             await self._ack()
         elif isinstance(ev, RoundEnd):
-            self.stats.round_ends += 1
             self._round_end.set()
         elif isinstance(ev, Fault):
             if self.fault_handler is None:
@@ -157,7 +138,6 @@ class HostSession:
 
     async def _ack(self) -> None:
         await self._send(self.conn.ack(1))
-        self.stats.acks_sent += 1
 
     async def start_round(self) -> int:
         """Publish a new command id (never reused) and return it."""

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from hintpipe.channel.address import Address
+from hintpipe.config import RunConfig
 from hintpipe.channel.records import RecordEndpoint
 from hintpipe.channel.stream import auth_client, connect, open_stream_endpoint
 from hintpipe.guest.buddy import BuddyAllocator
@@ -28,7 +29,6 @@ from hintpipe.paired.barrier import guest_control_loop
 from hintpipe.paired.mirror import MirroredRegion
 from hintpipe.paired.handoff import TCP_REFUSAL, GuestRealRam, send_handoff
 from hintpipe.paired.region import SharedRegion
-from hintpipe.sim import SimConfig
 from hintpipe.wp.base import UNTRACKED, GatedTracker
 from hintpipe.wp.shared import SharedWriteProtect
 
@@ -47,13 +47,13 @@ class GuestOptions:
     """What ``hintpipe guest`` needs."""
 
     address: Address
-    cfg: SimConfig
+    cfg: RunConfig
     name: str = "guest"
     secret: bytes | None = None
     connect_timeout_s: float = 10.0
 
 
-def guest_config_dict(cfg: SimConfig) -> dict:
+def guest_config_dict(cfg: RunConfig) -> dict:
     """The part of the guest's configuration the host puts in its report."""
     return {"workload": cfg.workload.kind, "seed": cfg.workload.seed, "batch": cfg.batch,
             "min_order": cfg.min_order, "race_mode": cfg.race_mode, "queue_size": cfg.queue_size,

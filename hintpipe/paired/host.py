@@ -15,27 +15,28 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import trio
 
 from hintpipe.channel.address import Address
+from hintpipe.config import RACE_MODES, RunConfig
 from hintpipe.channel.records import V1, RecordEndpoint, record
 from hintpipe.channel.stream import AuthError, auth_server, open_listener, open_stream_endpoint, sendall
 from hintpipe.guest.workload import WorkloadStats
-from hintpipe.host.migration import MigrationEngine
+from hintpipe.host.migration import MigrationEngine, drive_migration
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import GuestGone, HostSession
 from hintpipe.paired.barrier import GuestLeft, GuestStuck, HostControl
-from hintpipe.paired.mirror import MirroredRegion, MirrorReceiver
 from hintpipe.paired.handoff import (
     TCP_REFUSAL, HostRealMemory, ReceivedRam, RealMemoryError, check_backend, receive_handoff,
 )
+from hintpipe.paired.mirror import MirroredRegion, MirrorReceiver
 from hintpipe.paired.region import RegionError, SharedRegion
 from hintpipe.protocol import ErrorCode, ProtocolError, encode
 from hintpipe.protocol.messages import CMD_ID_BASE, Error
-from hintpipe.sim import SimConfig, report
+from hintpipe.report import HintFigures, RunResult, format_summary, run_report
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class HostOptions:
     """What ``hintpipe host`` needs."""
 
     address: Address
-    cfg: SimConfig
+    cfg: RunConfig
     guests: int | None = None
     json: bool = False
     out: str | None = None
@@ -55,16 +56,9 @@ class HostOptions:
     max_guest_pages: int = 1 << 26
 
 
-@dataclass
-class _Lock:
-    """Guest-reported zone lock figures in the shape ``report`` expects from a ZoneLock."""
-
-    figures: dict = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        keys = ("batches", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
-                "p99_alloc_wait_us", "max_alloc_wait_us")
-        return {k: _num(self.figures.get(k)) for k in keys}
+_LOCK_KEYS = ("batches", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
+              "p99_alloc_wait_us", "max_alloc_wait_us")
+"""The guest-reported zone lock figures a host report carries."""
 
 
 def _num(v):
@@ -72,26 +66,13 @@ def _num(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
 
 
-@dataclass
-class _Workload:
-    stats: WorkloadStats
+def _section(gstats: dict, key: str) -> dict:
+    """One section of the guest's untrusted stats snapshot ({} unless it is a dict)."""
+    obj = gstats.get(key)
+    return obj if isinstance(obj, dict) else {}
 
 
-@dataclass
-class _Run:
-    """Duck-typed :class:`hintpipe.sim.SimRun` for :func:`hintpipe.sim.report`."""
-
-    result: object
-    state: HostPageState
-    session: HostSession
-    zone: _Lock
-    workload: _Workload
-    kicks: dict
-    wall_s: float
-    wp: dict = field(default_factory=dict)
-
-
-def _report_config(base: SimConfig, pages: int, guest_cfg: dict) -> SimConfig:
+def _report_config(base: RunConfig, pages: int, guest_cfg: dict) -> RunConfig:
     """The host's config with the guest's own geometry/workload/walker settings where sane."""
     cfg = replace(base, pages=pages)
     try:
@@ -101,7 +82,7 @@ def _report_config(base: SimConfig, pages: int, guest_cfg: dict) -> SimConfig:
         cfg = replace(cfg, workload=wl,
                       batch=int(_num(guest_cfg.get("batch")) or cfg.batch),
                       min_order=int(_num(guest_cfg.get("min_order")) or cfg.min_order),
-                      race_mode=guest_cfg.get("race_mode") if guest_cfg.get("race_mode") in ("detect", "isolate") else cfg.race_mode,
+                      race_mode=guest_cfg.get("race_mode") if guest_cfg.get("race_mode") in RACE_MODES else cfg.race_mode,
                       queue_size=int(_num(guest_cfg.get("queue_size")) or cfg.queue_size),
                       event_idx=bool(guest_cfg.get("event_idx", cfg.event_idx)))
     except (ValueError, TypeError):
@@ -151,8 +132,6 @@ class GuestServer:
         if self.opts.json:
             text = json.dumps(rep)
         else:
-            from hintpipe.cli import format_summary
-
             head = f"guest {rep['guest']['id']} {rep['guest']['name']!r} over {rep['transport']}: {rep['status']}"
             if rep.get("reason"):
                 head += f" ({rep['reason']})"
@@ -345,14 +324,11 @@ class GuestServer:
         opts = self.opts
         state = session.state
         control = HostControl(region, session.closed, timeout_s=opts.barrier_timeout_s)
-        fault_batches = 0
 
         async def on_fault(pfns: np.ndarray) -> None:
-            nonlocal fault_batches
             pfns = pfns.astype(np.int64)
             state.on_written(pfns)
             region.protect[pfns] = 0  # after on_written: the guest writes only after FaultDone
-            fault_batches += 1
 
         session.fault_handler = on_fault
 
@@ -372,54 +348,33 @@ class GuestServer:
             dest=real.dest if real is not None else None,
         )
         t0 = time.perf_counter()
-        status, reason, finished = "migrated", None, False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.serve)
-            engine_scope = trio.CancelScope()
+        wp_stats: dict = {}
 
-            async def watch() -> None:
-                await session.closed.wait()
-                if not finished:
-                    engine_scope.cancel()
+        def stop_tracking() -> None:
+            if kernel_wp:  # before releasing the guest: no writer left blocked
+                wp_stats.update(real.stop())
 
-            nursery.start_soon(watch)
-            with engine_scope:
-                try:
-                    await engine.run()
-                    finished = True
-                except (GuestStuck, GuestLeft, RealMemoryError) as e:
-                    status, reason = "failed", str(e)
-            if engine_scope.cancelled_caught or not finished:
-                status = "failed"
-                reason = reason or f"guest left mid-migration: {session.failure or 'connection closed'}"
-            res = engine.result
-            if kernel_wp:
-                wp_stats = real.stop()  # before releasing the guest: no writer left blocked
-            if finished:
-                if not res.verified:
-                    status, reason = "failed", f"verification failed: {res.lost_pages} lost pages"
-                await session.finish(res.verified, {"lost_pages": res.lost_pages, "verified": res.verified,
-                                                    "pages_sent": res.pages_sent, "rounds": res.rounds})
-                with trio.move_on_after(2):
-                    await session.closed.wait()  # the guest leaves once it has read Done
-            finished = True
-            nursery.cancel_scope.cancel()
+        reason = await drive_migration(engine, cancel_on_disconnect=True,
+                                       aborts=(GuestStuck, GuestLeft, RealMemoryError),
+                                       before_done=stop_tracking, linger_s=2.0)
+        res = engine.result
+        if reason is None and not res.verified:
+            reason = f"verification failed: {res.lost_pages} lost pages"
+        status = "migrated" if reason is None else "failed"
         gstats = region.read_stats()
-        notif = _notifications(ep, gstats)
-        wl = gstats.get("workload") if isinstance(gstats.get("workload"), dict) else {}
-        wstats = WorkloadStats(**{f.name: int(_num(wl.get(f.name))) for f in fields(WorkloadStats)})
-        gcfg = gstats.get("config") if isinstance(gstats.get("config"), dict) else {}
-        cfg = _report_config(opts.cfg, hello.page_count, gcfg)
-        run = _Run(engine.result, state, session, _Lock(gstats.get("lock") if isinstance(gstats.get("lock"), dict) else {}),
-                   _Workload(wstats), notif, time.perf_counter() - t0)
+        wl = _section(gstats, "workload")
+        workload = WorkloadStats(**{f.name: int(_num(wl.get(f.name))) for f in fields(WorkloadStats)})
+        lock = _section(gstats, "lock")
         backend = "mirrored" if isinstance(region, MirroredRegion) else "shared"
-        run.wp = {"backend": backend, "faults": state.faults, "fault_messages": fault_batches,
-                  "barriers": control.barriers}
+        wp = {"backend": backend, "faults": state.faults, "fault_messages": session.conn.fault_frames,
+              "barriers": control.barriers}
         if real is not None:
-            backend = real.name
-            run.wp = {**run.wp, "backend": backend, **(wp_stats if kernel_wp else {})}
-        rep = report(cfg, run, None)
-        rep["config"]["wp"] = backend
+            wp = {**wp, "backend": real.name, **wp_stats}
+        run = RunResult(migration=res, hints=HintFigures.of(session.conn, state), faults=state.faults,
+                        wp=wp, lock={k: _num(lock.get(k)) for k in _LOCK_KEYS},
+                        notifications=_notifications(ep, gstats), workload=asdict(workload),
+                        wall_s=time.perf_counter() - t0)
+        rep = run_report(_report_config(opts.cfg, hello.page_count, _section(gstats, "config")), run, None)
         rep["status"] = status
         rep["reason"] = reason
         rep["transport"] = opts.address.kind

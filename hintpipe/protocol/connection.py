@@ -238,10 +238,16 @@ class HostConnection(_Connection):
         """Hints frames accepted under the active round."""
         self.hints_ranges = 0
         """Ranges in those frames."""
+        self.hints_pages = 0
+        """Pages those ranges cover."""
         self.stale_frames = 0
         """Hints frames dropped because their round was already stopped."""
         self.stale_ranges = 0
         """Ranges in those frames."""
+        self.acks_sent = 0
+        """Ack frames sent."""
+        self.fault_frames = 0
+        """Fault frames received."""
 
     # -- receive ---------------------------------------------------------------------------
 
@@ -277,6 +283,7 @@ class HostConnection(_Connection):
             raise ProtocolError(ErrorCode.BAD_FIELD, f"Fault seq {msg.seq} is already outstanding")
         validate_pfns(msg.pfns, self._page_count)
         self._faults.add(msg.seq)
+        self.fault_frames += 1
         return msg
 
     def _on_hints(self, msg: Hints) -> Event:
@@ -294,6 +301,7 @@ class HostConnection(_Connection):
         if msg.cmd_id == self._current:
             self.hints_frames += 1
             self.hints_ranges += n
+            self.hints_pages += int(msg.ranges[:, 1].sum())
             return msg
         # Issued, stopped, RoundEnd not yet received: the hint may predate a write the host no
         # longer tracks for that round, so applying it is unsafe (invariant 2). Drop, but keep
@@ -354,6 +362,7 @@ class HostConnection(_Connection):
             raise _local(ErrorCode.BAD_FIELD, f"ack count {count!r} outside [1, {self._unacked} un-acked]")
         data = encode(Ack(count))
         self._unacked -= count
+        self.acks_sent += 1
         return data
 
     def fault_done(self, seq: int) -> bytes:

@@ -12,24 +12,24 @@ version must equal the source's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import trio
 import trio.testing
 
-from hintpipe.channel.inproc import inproc_pair
+from hintpipe.config import ReplayUsageError, RunConfig
 from hintpipe.guest.memory import GuestMemory
-from hintpipe.guest.producer import Producer
 from hintpipe.guest.walker import WalkerStats
-from hintpipe.guest.workload import PauseGate
+from hintpipe.guest.workload import PauseGate, WorkloadConfig
 from hintpipe.guest.zonelock import ZoneLock
-from hintpipe.host.migration import MigrationConfig, MigrationEngine, MigrationResult
+from hintpipe.host.migration import MigrationEngine, MigrationResult
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
-from hintpipe.sim import drive_migration, migration_report
-from hintpipe.units import NR_ORDERS
-from hintpipe.wp.sim import SimWriteProtect
+from hintpipe.inprocess import InProcessLink, migrate_in_process
+from hintpipe.report import HintFigures, RunResult, replay_run_report
+from hintpipe.units import NR_ORDERS, order_pages
+from hintpipe.wp.sim import SimBackend
 
 from .events import EventBatch
 from .model import ReplayModel
@@ -37,34 +37,7 @@ from .recording import Trace
 from .snapshot import decompose
 
 
-class ReplayUsageError(ValueError):
-    """An option that cannot apply to a replay (e.g. isolate mode)."""
-
-
-@dataclass(frozen=True)
-class ReplayConfig:
-    """Options of ``hintpipe replay``."""
-
-    min_order: int = 9
-    batch: int = 32
-    race_mode: str = "detect"
-    time_budget_us: float = 200.0
-    migration: MigrationConfig = field(default_factory=MigrationConfig)
-    queue_size: int = 256
-    tick_s: float = 0.02
-    write_rate: float = 0.0  # extra page writes per second to allocated pages
-    seed: int = 1
-    baseline: bool = True
-
-    def __post_init__(self) -> None:
-        if self.race_mode != "detect":
-            raise ReplayUsageError(
-                "replay runs in detect mode only: the recorded kernel decided every allocation, "
-                "so hinted blocks cannot be isolated from it")
-        if not 0 <= self.min_order <= 10:
-            raise ReplayUsageError("min_order must be in 0..10")
-        if self.batch < 1 or self.tick_s <= 0 or self.write_rate < 0:
-            raise ReplayUsageError("batch must be >= 1, tick > 0, write rate >= 0")
+__all__ = ["ReplayUsageError", "TraceWalker", "TraceWorkload", "ReplayRun", "replay_migration", "replay"]
 
 
 class TraceWalker:
@@ -148,7 +121,7 @@ class TraceWalker:
         pfns = np.concatenate(got_p) if got_p else np.empty(0, np.uint64)
         orders = np.concatenate(got_o) if got_o else np.empty(0, np.uint8)
         if n:
-            pages = int((np.uint64(1) << orders.astype(np.uint64)).sum())
+            pages = int(order_pages(orders).sum())
             self.stats.record_batch(n, pages, time.perf_counter() - t0, False)
         return pfns, orders
 
@@ -157,9 +130,13 @@ class TraceWalker:
 
 
 class TraceWorkload:
-    """The recorded kernel as the guest's vCPUs: applies the trace as virtual time passes."""
+    """The recorded kernel as the guest's vCPUs: applies the trace as virtual time passes.
 
-    def __init__(self, model: ReplayModel, memory: GuestMemory, zone: ZoneLock, cfg: ReplayConfig) -> None:
+    Every ``cfg.tick_s`` of guest time the trace advances as far; each allocation writes its
+    pages, and ``cfg.write_pages_per_s`` extra writes go to allocated pages.
+    """
+
+    def __init__(self, model: ReplayModel, memory: GuestMemory, zone: ZoneLock, cfg: WorkloadConfig) -> None:
         self.model = model
         self.memory = memory
         self.zone = zone
@@ -187,7 +164,7 @@ class TraceWorkload:
                     allocated, _ = self.model.advance_to(now_ns)
                 await self.memory.write(allocated)
                 self.pages_written += len(allocated)
-                carry += cfg.write_rate * cfg.tick_s
+                carry += cfg.write_pages_per_s * cfg.tick_s
                 if carry >= 1:
                     k, carry = int(carry), carry - int(carry)
                     cand = self.rng.integers(self.model.page_count, size=4 * k)
@@ -212,42 +189,54 @@ class ReplayRun:
     walker: TraceWalker | None
     workload: TraceWorkload
     wall_s: float
+    wp: dict
+
+    def figures(self) -> RunResult:
+        """The run's figures for its report."""
+        return RunResult(migration=self.result,
+                         hints=HintFigures.of(self.session.conn if self.session else None, self.state),
+                         faults=self.state.faults, wp=self.wp, lock=self.zone.summary(),
+                         wall_s=self.wall_s)
 
 
-async def replay_migration(trace: Trace, events: EventBatch, cfg: ReplayConfig, *, hinting: bool = True) -> ReplayRun:
+async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, hinting: bool = True) -> ReplayRun:
     """Migrate the traced guest while its trace replays; runs under any trio clock."""
+    if cfg.workload.kind != "replay":
+        raise ReplayUsageError("a replay's workload is its trace: configure it with RunConfig.for_replay")
     t_wall = time.perf_counter()
     model = ReplayModel(trace.initial_free, [events])
     n = model.page_count
     memory = GuestMemory(n)
     memory.versions[~model.free_mask] = 1  # pages in use at the start hold boot content
-    state = HostPageState(n)
-    memory.tracker = SimWriteProtect(state)
-    zone = ZoneLock()
-    workload = TraceWorkload(model, memory, zone, cfg)
-    session = walker = producer = None
+    state = HostPageState(n, invalidate=cfg.invalidate)
+    backend = SimBackend(state)  # the recorded kernel's writes fault like an in-process guest's
+    memory.tracker = backend.guest_tracker
+    zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
+    workload = TraceWorkload(model, memory, zone, cfg.workload)
+    link = walker = None
     if hinting:
-        guest_end, host_end = inproc_pair(cfg.queue_size)
         walker = TraceWalker(model, min_order=cfg.min_order, batch=cfg.batch, time_budget_us=cfg.time_budget_us)
-        producer = Producer(guest_end, walker, zone, n, window=cfg.queue_size, name="replay")
-        session = HostSession(host_end, max_ranges=max(cfg.batch, 32))
+        link = InProcessLink(cfg, walker, zone, n, name="replay")
     engine = MigrationEngine(
         replace(cfg.migration, hinting=hinting), state,
         read_source=lambda idx: memory.versions[idx],
         free_mask=lambda: model.free_mask,
         pause_guest=workload.gate.pause,
-        session=session,
+        session=link.session if link else None,
+        before_chunk=backend.before_chunk,
+        start_round=backend.start_round,
     )
-    result = await drive_migration(engine, workload.run, producer, session, lambda hello: state)
-    return ReplayRun(result, model, state, zone, session, walker, workload, time.perf_counter() - t_wall)
+    result = await migrate_in_process(engine, workload.run, link)
+    return ReplayRun(result, model, state, zone, link.session if link else None, walker, workload,
+                     time.perf_counter() - t_wall, backend.stats())
 
 
 def _buddyinfo_pages(info: dict | None) -> int | None:
     return None if not info else int(info["free_pages"])
 
 
-def replay(trace: Trace, cfg: ReplayConfig) -> dict:
-    """Replay ``trace`` with hinting (and without, for the baseline); return the JSON report."""
+def replay(trace: Trace, cfg: RunConfig) -> dict:
+    """Replay ``trace`` with hinting (and, with ``cfg.baseline``, without); return the JSON report."""
     t0 = time.perf_counter()
     events = EventBatch.concat(list(trace.batches()))
     parse_s = time.perf_counter() - t0
@@ -264,11 +253,10 @@ def replay(trace: Trace, cfg: ReplayConfig) -> dict:
     final_free = run.model.nr_free_pages
     ref_end = _buddyinfo_pages(trace.buddyinfo_end)
     elapsed = time.perf_counter() - t0
-    mig = migration_report(run.result, base.result if base else None)
-    st = run.state
     span = (int(events.ts_ns[-1]) - int(events.ts_ns[0])) / 1e9 if len(events) else 0.0
-    return {
-        "trace": {
+    return replay_run_report(
+        cfg, run.figures(), base.figures() if base else None,
+        trace={
             "path": str(trace.path),
             "kind": trace.kind,
             "events": len(events),
@@ -276,31 +264,16 @@ def replay(trace: Trace, cfg: ReplayConfig) -> dict:
             "pages": trace.page_count,
             "bad_lines_skipped": sum(trace.stats.skipped.values()),
         },
-        "config": {"min_order": cfg.min_order, "batch": cfg.batch, "race_mode": cfg.race_mode,
-                   "bandwidth_gbit": cfg.migration.bandwidth_gbit, "write_rate": cfg.write_rate},
-        "initial": {
+        initial={
             "free_pages": int(np.count_nonzero(trace.initial_free)),
             "free_by_order": initial_by_order,
             "reference_free_pages": _buddyinfo_pages(trace.buddyinfo_start),
         },
-        "final": {
+        final={
             "free_pages": final_free,
             "reference_free_pages": ref_end,
             "error_pages": None if ref_end is None else final_free - ref_end,
             "error_pct": None if not ref_end else round(100 * (final_free - ref_end) / ref_end, 4),
             "trace_finished_during_migration": run.workload.finished_at is not None,
         },
-        "migration": mig,
-        "hints": {
-            "messages": st.hints.batches,
-            "ranges": st.hints.ranges,
-            "pages": st.hints.pages,
-            "pages_refused_written": st.hints.pages_refused_written,
-            "stale_messages": run.session.stats.stale_frames if run.session else 0,
-        },
-        "faults": st.faults,
-        "lock": run.zone.summary(),
-        "parse_s": round(parse_s, 3),
-        "elapsed_s": round(elapsed, 3),
-        "events_per_s": round(len(events) / elapsed) if elapsed else None,
-    }
+        parse_s=parse_s, elapsed_s=elapsed)

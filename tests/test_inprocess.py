@@ -13,20 +13,21 @@ from hypothesis import strategies as st
 from hintpipe.cli import main
 from hintpipe.guest.workload import WorkloadConfig
 from hintpipe.host.migration import MigrationConfig
-from hintpipe.sim import SimConfig, migrate_guest, run_sim
+from hintpipe.config import RunConfig
+from hintpipe.inprocess import migrate_guest, run_demo
 
 SMALL = 1 << 15
 
 
-def _cfg(**kw) -> SimConfig:
+def _cfg(**kw) -> RunConfig:
     base = dict(pages=SMALL, workload=WorkloadConfig(seed=3), migration=MigrationConfig(bandwidth_gbit=2.0))
     base.update(kw)
-    return SimConfig(**base)
+    return RunConfig(**base)
 
 
 @pytest.mark.parametrize("race_mode", ["detect", "isolate"])
 def test_hinted_migration_verifies_and_sends_less(race_mode):
-    rep = run_sim(_cfg(race_mode=race_mode))
+    rep = run_demo(_cfg(race_mode=race_mode))
     m = rep["migration"]
     assert m["verified"] and m["lost_pages"] == 0
     assert m["lost_pages_baseline"] == 0
@@ -36,7 +37,7 @@ def test_hinted_migration_verifies_and_sends_less(race_mode):
 
 
 def test_idle_guest_saves_most_of_its_free_memory():
-    rep = run_sim(_cfg(workload=WorkloadConfig.idle(seed=1), min_order=9))
+    rep = run_demo(_cfg(workload=WorkloadConfig.idle(seed=1), min_order=9))
     m = rep["migration"]
     free = 1 - 0.30  # idle boots 30% resident
     assert m["verified"]
@@ -71,7 +72,7 @@ async def test_walker_batches_respect_the_bound(autojump_clock):
     hold=st.sampled_from([1e-5, 1e-3]),
 )
 def test_randomized_migrations_never_lose_a_page(seed, race_mode, batch, min_order, ops, bandwidth, hold):
-    cfg = SimConfig(
+    cfg = RunConfig(
         pages=1 << 14,
         workload=WorkloadConfig(seed=seed, ops_per_s=ops, write_pages_per_s=ops),
         migration=MigrationConfig(bandwidth_gbit=bandwidth, max_rounds=6),

@@ -1,0 +1,265 @@
+"""One guest and its host wired together in one process: what ``hintpipe demo`` runs.
+
+The guest (buddy allocator, memory, workload, walker, producer) and the host (session, page
+state, write-protect backend, migration engine) talk over an in-process virtqueue link
+(:class:`InProcessLink`, also the link of ``hintpipe replay``). Time is trio's ``MockClock``
+with autojump, so link time, workload rates and round timing are virtual while every computation
+really runs. :func:`run_demo` migrates the same configuration twice, with and without hinting,
+to give the baseline. With ``--memory real`` the guest's pages live in a :class:`RealMachine`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Awaitable, Callable
+
+import numpy as np
+import trio
+import trio.testing
+
+from hintpipe.channel.inproc import inproc_pair
+from hintpipe.config import RunConfig
+from hintpipe.guest.buddy import BuddyAllocator
+from hintpipe.guest.memory import GuestMemory, RealGuestMemory
+from hintpipe.guest.producer import MigrationFailed, Producer
+from hintpipe.guest.walker import FreeListWalker
+from hintpipe.guest.workload import Workload
+from hintpipe.guest.zonelock import ZoneLock
+from hintpipe.host.migration import MigrationEngine, MigrationResult, drive_migration
+from hintpipe.host.pagestate import HostPageState
+from hintpipe.host.session import HostSession
+from hintpipe.linux.memfd import WORDS_PER_PAGE, GuestRam
+from hintpipe.linux.userfaultfd import Userfaultfd, register_wp
+from hintpipe.protocol import Hello
+from hintpipe.report import HintFigures, RunResult, run_report
+from hintpipe.wp import make_backend, resolve_backend
+from hintpipe.wp.base import WpBackend
+
+__all__ = ["InProcessLink", "InProcessRun", "RealMachine", "migrate_in_process", "migrate_guest",
+           "run_demo"]
+
+
+class InProcessLink:
+    """A guest's hinting producer and its host session, joined by an in-process virtqueue pair."""
+
+    def __init__(self, cfg: RunConfig, walker, zone: ZoneLock, page_count: int, *, name: str) -> None:
+        self._guest_end, self._host_end = inproc_pair(cfg.queue_size, event_idx=cfg.event_idx)
+        self.producer = Producer(self._guest_end, walker, zone, page_count, window=cfg.queue_size, name=name)
+        self.session = HostSession(self._host_end, max_ranges=cfg.max_ranges)
+
+    async def run_guest(self) -> None:
+        """The guest's side: serve rounds until ``Done``, then close the link (the host sees it)."""
+        try:
+            await self.producer.run()
+        except MigrationFailed:
+            pass  # the guest learns the verdict; the host's report has it too
+        finally:
+            await self._guest_end.aclose()
+
+    def kicks(self) -> dict:
+        """Notifications on both queues (the report's ``notifications``)."""
+        g, h = self._guest_end.tx_stats, self._host_end.tx_stats
+        return {
+            "kicks": g.kicks,
+            "kicks_suppressed": g.kicks_suppressed,
+            "interrupts": g.interrupts,
+            "interrupts_suppressed": g.interrupts_suppressed,
+            "host_to_guest_kicks": h.kicks,
+            "host_to_guest_kicks_suppressed": h.kicks_suppressed,
+        }
+
+
+async def migrate_in_process(engine: MigrationEngine, vcpus: Callable[[], Awaitable[None]],
+                             link: InProcessLink | None) -> MigrationResult:
+    """Migrate with ``engine`` while the guest's ``vcpus`` and (with hinting) its side of ``link``
+    run beside it; return the engine's result. Runs under any trio clock."""
+    state = engine.state
+
+    def same_guest(hello: Hello) -> HostPageState:
+        if hello.page_count != state.page_count:
+            raise ValueError("guest geometry changed")
+        return state
+
+    async with trio.open_nursery() as guest:
+        if link is not None:
+            guest.start_soon(link.run_guest)
+            await link.session.handshake(same_guest)
+        guest.start_soon(vcpus)
+        await drive_migration(engine)
+        guest.cancel_scope.cancel()
+    return engine.result
+
+
+@dataclass
+class InProcessRun:
+    """Everything a finished in-process migration leaves behind (tests look inside)."""
+
+    result: MigrationResult
+    state: HostPageState
+    alloc: BuddyAllocator
+    memory: GuestMemory
+    zone: ZoneLock
+    workload: Workload
+    producer: Producer | None
+    session: HostSession | None
+    walker: FreeListWalker | None
+    wall_s: float
+    kicks: dict
+    wp: dict = field(default_factory=dict)
+
+    def figures(self) -> RunResult:
+        """The run's figures for its report."""
+        return RunResult(
+            migration=self.result,
+            hints=HintFigures.of(self.session.conn if self.session else None, self.state),
+            faults=self.state.faults, wp=self.wp, lock=self.zone.summary(),
+            notifications=self.kicks, workload=asdict(self.workload.stats), wall_s=self.wall_s)
+
+
+async def migrate_guest(cfg: RunConfig, *, hinting: bool = True,
+                        machine: RealMachine | None = None) -> InProcessRun:
+    """Boot a guest, migrate it (hinting on or off) and verify; runs under any trio clock.
+
+    With ``cfg.memory == "real"`` the guest's pages live in ``machine`` (a :class:`RealMachine`,
+    reused across runs by :func:`run_demo`; made here and closed at the end if not given), and
+    ``cfg.wp`` must be resolved (not ``auto``) unless this function makes the machine.
+    """
+    if cfg.memory == "real" and machine is None:
+        wp = resolve_backend(cfg.wp, "real")
+        with RealMachine(cfg.pages, wp) as own:
+            return await migrate_guest(replace(cfg, wp=wp), hinting=hinting, machine=own)
+    wp_name = resolve_backend(cfg.wp, cfg.memory) if cfg.wp == "auto" else cfg.wp
+    t_wall = time.perf_counter()
+    n = cfg.pages
+    alloc = BuddyAllocator(n)
+    state = HostPageState(n, invalidate=cfg.invalidate)
+    if cfg.memory == "real":
+        if machine.backend != wp_name:
+            raise ValueError(f"machine registered for --wp {machine.backend}, config says {wp_name}")
+        machine.reset_dest()
+        backend = make_backend(wp_name, state, **machine.backend_kwargs())
+        memory = RealGuestMemory(machine.guest)
+        read_source, dest = machine.read_source, machine.dest
+    else:
+        backend = make_backend(wp_name, state)
+        memory = GuestMemory(n)
+        read_source, dest = (lambda idx: memory.versions[idx]), None
+    try:
+        return await _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall)
+    finally:
+        backend.close()  # sync uffd: lifts all protection, so no later write can block
+
+
+async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory: GuestMemory,
+                   state: HostPageState, backend: WpBackend,
+                   read_source: Callable[[np.ndarray], np.ndarray], dest: np.ndarray | None,
+                   t_wall: float) -> InProcessRun:
+    zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
+    workload = Workload(cfg.workload, alloc, memory, zone)
+    await workload.boot()  # before round 0: untracked, and round 0 sends everything anyway
+    memory.tracker = backend.guest_tracker  # simulated faults from now on (real ones: in-kernel)
+    link = walker = None
+    if hinting:
+        walker = FreeListWalker(alloc, min_order=cfg.min_order, batch=cfg.batch,
+                                time_budget_us=cfg.time_budget_us, isolate=cfg.race_mode == "isolate")
+        link = InProcessLink(cfg, walker, zone, cfg.pages, name="sim-guest")
+    engine = MigrationEngine(
+        replace(cfg.migration, hinting=hinting),
+        state,
+        read_source=read_source,
+        free_mask=lambda: alloc.free_mask,
+        pause_guest=workload.gate.pause,
+        session=link.session if link else None,
+        before_chunk=backend.before_chunk,
+        start_round=backend.start_round,
+        dest=dest,
+    )
+    result = await migrate_in_process(engine, workload.run, link)
+    return InProcessRun(result, state, alloc, memory, zone, workload, link.producer if link else None,
+                        link.session if link else None, walker, time.perf_counter() - t_wall,
+                        link.kicks() if link else {}, backend.stats())
+
+
+def run_demo(cfg: RunConfig) -> dict:
+    """Run the hinted migration and (with ``cfg.baseline``) its baseline under a virtual clock;
+    return the report (:func:`~hintpipe.report.run_report`).
+
+    One :class:`RealMachine` serves both runs in real-memory mode (allocated and touched once).
+    ``cfg.wp == "auto"`` is resolved first; the report's ``wp.backend`` is the one used.
+    Raises ``UffdUnavailable`` when a real backend asked for by name cannot work here.
+    """
+    cfg = replace(cfg, wp=resolve_backend(cfg.wp, cfg.memory))
+    machine = RealMachine(cfg.pages, cfg.wp) if cfg.memory == "real" else None
+
+    async def main():
+        run = await migrate_guest(cfg, hinting=True, machine=machine)
+        base = await migrate_guest(cfg, hinting=False, machine=machine) if cfg.baseline else None
+        return run, base
+
+    try:
+        run, base = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        if machine is not None:
+            machine.close()
+    return run_report(cfg, run.figures(), base.figures() if base else None)
+
+
+class RealMachine:
+    """Guest RAM, its userfaultfd registration, the host's mapping and the destination buffer.
+
+    What outlives one migration run, allocated and touched once before anything is timed: the
+    guest's mapping of a memfd (registered with userfaultfd when a real backend is used), the
+    host's own mapping of the same memfd (reads never fault, writes are untracked) and the
+    destination buffer. ``backend`` is a resolved ``--wp`` name; for ``uffd``/``uffd-async`` the guest side registers
+    its mapping (:func:`hintpipe.linux.userfaultfd.register_wp`, raising ``UffdUnavailable``) and
+    :attr:`uffd` holds the fd a host adapter is built from (``pid`` = this process).
+    """
+
+    def __init__(self, page_count: int, backend: str) -> None:
+        self.page_count = page_count
+        self.backend = backend
+        self.guest = GuestRam(page_count)
+        self.uffd: Userfaultfd | None = None
+        self.host: GuestRam | None = None
+        try:
+            self.guest.touch()  # first touch is slow: pay it here, not inside the migration
+            self.host = GuestRam(page_count, fd=self.guest.fd)
+            self.dest = np.empty((page_count, WORDS_PER_PAGE), dtype=np.uint64)
+            self.dest.fill(0)   # touched, so the first round does not pay page faults either
+            if backend in ("uffd", "uffd-async"):
+                self.uffd = register_wp(self.guest.addr, self.guest.size, backend)
+        except BaseException:
+            self.close()
+            raise
+        self.pid = os.getpid()
+
+    def reset_dest(self) -> None:
+        """Zero the destination before a run (a stale copy must not hide a lost write)."""
+        self.dest.fill(0)
+
+    def read_source(self, idx: np.ndarray) -> np.ndarray:
+        """Source bytes of pages ``idx`` as (len(idx), 512) words, read through the host mapping."""
+        return self.host.words[idx]
+
+    def backend_kwargs(self) -> dict:
+        """What :func:`hintpipe.wp.make_backend` needs for a real backend."""
+        return {"ram_addr": self.guest.addr, "page_count": self.page_count,
+                "uffd_fd": self.uffd.fd if self.uffd else None, "pid": self.pid}
+
+    def close(self) -> None:
+        """Close the uffd (unregisters), then both mappings (idempotent)."""
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
+        for ram in (self.host, self.guest):
+            if ram is not None:
+                ram.close()
+        self.dest = None
+
+    def __enter__(self) -> "RealMachine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

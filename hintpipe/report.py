@@ -1,0 +1,174 @@
+"""What a finished run reports: one typed result, its JSON object and its text summary.
+
+:class:`RunResult` holds the figures of one migration run, whoever ran it (``hintpipe demo``,
+``hintpipe replay`` or ``hintpipe host``); :func:`run_report` and :func:`replay_run_report` turn
+it into the JSON objects the README documents, :func:`format_summary` and :func:`format_replay`
+into text. The hint counters are read where they are kept: frames, ranges and pages by the
+host's :class:`~hintpipe.protocol.HostConnection`, what they did to the bitmap by the
+:class:`~hintpipe.host.pagestate.HostPageState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hintpipe.config import RunConfig
+from hintpipe.host.migration import MigrationResult
+from hintpipe.host.pagestate import HostPageState
+from hintpipe.protocol import HostConnection
+from hintpipe.units import PAGE_SIZE
+
+__all__ = ["HintFigures", "RunResult", "migration_figures", "run_report", "replay_run_report",
+           "format_summary", "format_replay"]
+
+
+@dataclass
+class HintFigures:
+    """What hinting did in one run (the ``hints`` object of a report)."""
+
+    messages: int = 0
+    """Hints frames applied (under the active round)."""
+    ranges: int = 0
+    """Blocks those frames carried."""
+    pages: int = 0
+    """Pages those blocks cover."""
+    pages_marked: int = 0
+    """Pages newly put into the skip bitmap."""
+    pages_refused_written: int = 0
+    """Hinted pages refused because they were written this round."""
+    stale_messages: int = 0
+    """Frames that arrived under a stopped round and were dropped."""
+    stale_ranges: int = 0
+    """Blocks in those frames."""
+
+    @classmethod
+    def of(cls, conn: HostConnection | None, state: HostPageState) -> "HintFigures":
+        """Read the figures where they are kept (no connection: a run without hinting)."""
+        if conn is None:
+            return cls(pages_marked=state.pages_marked, pages_refused_written=state.pages_refused_written)
+        return cls(conn.hints_frames, conn.hints_ranges, conn.hints_pages, state.pages_marked,
+                   state.pages_refused_written, conn.stale_frames, conn.stale_ranges)
+
+
+@dataclass
+class RunResult:
+    """One finished migration run as its reports show it."""
+
+    migration: MigrationResult
+    hints: HintFigures
+    faults: int
+    """First writes to protected pages seen by the host's page state."""
+    wp: dict
+    """The write-tracking backend's figures (``backend``, ``faults``, ``protect_calls``, ...)."""
+    lock: dict
+    """The guest's zone lock figures (:meth:`~hintpipe.guest.zonelock.ZoneLock.summary`)."""
+    notifications: dict = field(default_factory=dict)
+    """Kicks and interrupts of the link."""
+    workload: dict = field(default_factory=dict)
+    """What the guest's workload did."""
+    wall_s: float = 0.0
+    """Wall time the run took."""
+
+
+def migration_figures(run: MigrationResult, baseline: MigrationResult | None) -> dict:
+    """``migration.*`` of a report: the hinted run's figures and its baseline's next to them."""
+    mig = run.as_dict()
+    mig["pages_sent_baseline"] = baseline.pages_sent if baseline else None
+    mig["time_s_baseline"] = round(baseline.time_s, 4) if baseline else None
+    mig["lost_pages_baseline"] = baseline.lost_pages if baseline else None
+    if baseline and baseline.pages_sent:
+        mig["pages_saved_pct"] = round(100 * (1 - run.pages_sent / baseline.pages_sent), 2)
+    return mig
+
+
+def run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None) -> dict:
+    """The JSON object of ``hintpipe demo --json`` and of each guest of ``hintpipe host`` (keys
+    documented in the README); ``config.wp`` is the backend that tracked writes."""
+    lock = run.lock
+    return {
+        "config": {
+            "pages": cfg.pages,
+            "gib": round(cfg.pages * PAGE_SIZE / 2**30, 3),
+            "workload": cfg.workload.kind,
+            "batch": cfg.batch,
+            "min_order": cfg.min_order,
+            "race_mode": cfg.race_mode,
+            "bandwidth_gbit": cfg.migration.bandwidth_gbit,
+            "queue_size": cfg.queue_size,
+            "event_idx": cfg.event_idx,
+            "wp": run.wp.get("backend", cfg.wp),
+            "memory": cfg.memory,
+            "seed": cfg.workload.seed,
+        },
+        "migration": migration_figures(run.migration, baseline.migration if baseline else None),
+        "hints": asdict(run.hints),
+        "faults": run.faults,
+        "wp": {**run.wp, "faults_baseline": baseline.wp.get("faults") if baseline else None},
+        "lock": {"max_hold_us": lock["max_hold_us"], "max_alloc_wait_us": lock["max_alloc_wait_us"], **lock},
+        "notifications": run.notifications,
+        "workload": run.workload,
+        "wall_s": round(run.wall_s + (baseline.wall_s if baseline else 0.0), 3),
+    }
+
+
+def replay_run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None, *, trace: dict,
+                      initial: dict, final: dict, parse_s: float, elapsed_s: float) -> dict:
+    """The JSON object of ``hintpipe replay --json``: the trace's own figures (``trace``,
+    ``initial``, ``final``) around the migration's."""
+    h = run.hints
+    return {
+        "trace": trace,
+        "config": {"min_order": cfg.min_order, "batch": cfg.batch, "race_mode": cfg.race_mode,
+                   "bandwidth_gbit": cfg.migration.bandwidth_gbit,
+                   "write_rate": cfg.workload.write_pages_per_s},
+        "initial": initial,
+        "final": final,
+        "migration": migration_figures(run.migration, baseline.migration if baseline else None),
+        "hints": {"messages": h.messages, "ranges": h.ranges, "pages": h.pages,
+                  "pages_refused_written": h.pages_refused_written, "stale_messages": h.stale_messages},
+        "faults": run.faults,
+        "lock": run.lock,
+        "parse_s": round(parse_s, 3),
+        "elapsed_s": round(elapsed_s, 3),
+        "events_per_s": round(trace["events"] / elapsed_s) if elapsed_s else None,
+    }
+
+
+def format_summary(rep: dict) -> str:
+    """Human-readable summary of a migration report (the same figures as --json)."""
+    c, m, h, lk = rep["config"], rep["migration"], rep["hints"], rep["lock"]
+    base = m.get("pages_sent_baseline")
+    lines = [
+        f"guest {c['gib']} GiB ({c['pages']} pages), workload {c['workload']}, "
+        f"link {c['bandwidth_gbit']} Gbit/s, race mode {c['race_mode']}, batch {c['batch']}, min order {c['min_order']}",
+        f"pages sent        {m['pages_sent']:>12,}" + (f"   (baseline without hinting {base:,}, saved {m.get('pages_saved_pct', 0)}%)" if base else ""),
+        f"pages skipped     {m['pages_skipped']:>12,}   skip efficiency {m['skip_efficiency']}",
+        f"rounds            {m['rounds']:>12}   migration time {m['time_s']:.3f} s"
+        + (f" (baseline {m['time_s_baseline']:.3f} s)" if m.get("time_s_baseline") is not None else "")
+        + f", downtime {m['downtime_ms']:.1f} ms",
+        f"hints             {h['messages']:>12,} messages, {h['ranges']:,} ranges, {h['pages']:,} pages"
+        f" ({h['stale_messages']} stale dropped)",
+        f"write faults      {rep['faults']:>12,}",
+        f"zone lock         max hold {lk['max_hold_us']} us (per batch p99 {lk['p99_hold_us']} us, "
+        f"walk start {lk.get('max_round_start_hold_us', 0)} us), max allocation wait {lk['max_alloc_wait_us']} us",
+        f"verification      {m['allocated_pages']:,} allocated pages checked, lost {m['lost_pages']}: "
+        + ("VERIFIED" if m["verified"] else "LOSS DETECTED"),
+    ]
+    return "\n".join(lines)
+
+
+def format_replay(rep: dict) -> str:
+    """Human-readable summary of ``hintpipe replay``."""
+    t, i, f = rep["trace"], rep["initial"], rep["final"]
+    head = [
+        f"trace {t['path']} ({t['kind']}): {t['events']:,} events over {t['span_s']:.3f} s, {t['pages']:,} pages",
+        f"initial free pages {i['free_pages']:,} (buddyinfo.start {i['reference_free_pages']}), "
+        f"by order {i['free_by_order']}",
+        f"final free pages   {f['free_pages']:,} (buddyinfo.end {f['reference_free_pages']}, "
+        f"error {f['error_pages']} pages = {f['error_pct']}%)",
+    ]
+    rep2 = {"config": {"gib": round(t["pages"] * PAGE_SIZE / 2**30, 2), "pages": t["pages"], "workload": "replay",
+                       **rep["config"]}, **{k: rep[k] for k in ("migration", "hints", "faults", "lock")}}
+    rep2["hints"].setdefault("stale_messages", 0)
+    tail = f"replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s; parse {rep['parse_s']} s)"
+    return "\n".join(head) + "\n" + format_summary(rep2) + "\n" + tail
