@@ -18,9 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hintpipe.trace.events import EventBatch  # noqa: E402
-from hintpipe.trace.format import convert  # noqa: E402
 from hintpipe.trace.model import ReplayModel  # noqa: E402
-from hintpipe.trace.recording import open_trace  # noqa: E402
+from hintpipe.trace.recording import convert, open_trace  # noqa: E402
 
 
 def best(fn, repeat: int) -> tuple[float, object]:

@@ -22,6 +22,7 @@ import trio
 
 import hintpipe.wp as backends
 from hintpipe import cli
+from hintpipe.cli.options import paired_config
 from hintpipe.linux import userfaultfd as u
 from hintpipe.paired.handoff import RamHandoff
 from hintpipe.paired.handoff import (
@@ -141,7 +142,7 @@ def test_auto_falls_back_to_sim_when_nothing_real_works(monkeypatch):
         raise u.UffdUnavailable("no userfaultfd (simulated)")
 
     monkeypatch.setattr(backends, "probe", probe)
-    assert cli._paired_config(cli.build_parser().parse_args(
+    assert paired_config(cli.build_parser().parse_args(
         ["guest", "--connect", "unix:/x", "--memory", "real", "--wp", "auto"]), guest=True).wp == "sim"
 
 

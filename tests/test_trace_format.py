@@ -5,9 +5,9 @@ import pytest
 
 from hintpipe.trace.errors import TraceError
 from hintpipe.trace.events import COLUMNS, EventBatch
-from hintpipe.trace.format import MAGIC, convert
+from hintpipe.trace.format import MAGIC
+from hintpipe.trace.recording import convert, open_trace
 from hintpipe.trace.summary import inspect, render_text
-from hintpipe.trace.recording import open_trace
 from test_trace_helpers import NUMPY
 
 

@@ -11,11 +11,10 @@ Entry points::
 
 from .errors import RecordError, TraceError
 from .events import COLUMNS, EVENT_NAMES, EventBatch, EventType
-from .format import convert
 from .summary import inspect, render_text, replay_report
 from .model import ReplayModel
 from .record import record
-from .recording import Trace, open_recording, open_trace
+from .recording import Trace, convert, open_recording, open_trace
 from .snapshot import count_by_order, decompose, parse_buddyinfo, read_kpageflags_buddy
 
 __all__ = [

@@ -29,7 +29,7 @@ def cmd_inspect(path: str, as_json: bool = False, samples: int = 50, skip_bad: b
 
 def cmd_convert(src: str, dst: str, skip_bad: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """``hintpipe trace convert RECORDING OUT.hpt``."""
-    from .format import convert
+    from .recording import convert
     t0 = time.perf_counter()
     try:
         s = convert(src, dst, skip_bad=skip_bad)

@@ -92,8 +92,9 @@ def _records(path: Path) -> Iterator[dict]:
             raise TraceError("truncated", "trace-v1 file is truncated (no end record)", sp)
 
 
-def read_v1_header(path: str | Path):
-    """Open a trace-v1 file: read and validate its header; returns a Trace."""
+def read_v1_header(path: str | Path) -> dict:
+    """Read and validate the header of a trace-v1 file; return what an opened trace holds:
+    ``initial_free`` (bool per page), ``buddyinfo_start``, ``buddyinfo_end`` and ``source``."""
     path = Path(path)
     sp = str(path)
     it = _records(path)
@@ -103,13 +104,12 @@ def read_v1_header(path: str | Path):
         raise TraceError("truncated", "no header record", sp) from None
     it.close()
     try:
-        return _header_to_trace(h, path)
+        return _header_fields(h, path)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
         raise TraceError("format", f"malformed header ({type(e).__name__}: {e})", sp) from None
 
 
-def _header_to_trace(h: dict, path: Path):
-    from .recording import Trace
+def _header_fields(h: dict, path: Path) -> dict:
     sp = str(path)
     if h.get("type") != "header" or h.get("magic") != "hintpipe-trace":
         raise TraceError("format", "first record is not a trace-v1 header", sp)
@@ -133,8 +133,8 @@ def _header_to_trace(h: dict, path: Path):
             raise TraceError("format", f"{key} must be nil or a map with free_pages and by_order", sp)
     if not isinstance(h.get("source") or {}, dict):
         raise TraceError("format", "source must be a map", sp)
-    return Trace(path, "trace-v1", _unpack_bitmap(init["data"], n), h.get("buddyinfo_start"),
-                 h.get("buddyinfo_end"), dict(h.get("source") or {}))
+    return {"initial_free": _unpack_bitmap(init["data"], n), "buddyinfo_start": h.get("buddyinfo_start"),
+            "buddyinfo_end": h.get("buddyinfo_end"), "source": dict(h.get("source") or {})}
 
 
 def iter_v1_batches(path: str | Path, page_count: int) -> Iterator[EventBatch]:
@@ -172,9 +172,3 @@ def iter_v1_batches(path: str | Path, page_count: int) -> Iterator[EventBatch]:
         total += n
         yield batch
     raise TraceError("truncated", "trace-v1 file ended without an end record", sp)
-
-
-def convert(recording_dir: str | Path, out_file: str | Path, skip_bad: bool = False) -> dict:
-    """Convert a recording folder (or another trace-v1 file) into a trace-v1 file."""
-    from .recording import open_trace
-    return write_v1(out_file, open_trace(recording_dir, skip_bad=skip_bad))

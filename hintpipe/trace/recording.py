@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import TraceError
 from .events import EventBatch
+from .format import MAGIC, iter_v1_batches, read_v1_header, write_v1
 from .model import ReplayModel
 from .snapshot import read_buddyinfo, read_kpageflags_buddy
 from .tracefs import ParseStats, iter_tracefs
@@ -47,7 +48,6 @@ class Trace:
             self.stats = ParseStats()
             return iter_tracefs(self.source["trace_file"], chunk_size=self.chunk_size, skip_bad=self.skip_bad,
                                 stats=self.stats, page_count=self.page_count)
-        from .format import iter_v1_batches
         return iter_v1_batches(self.path, self.page_count)
 
     def model(self, **kw) -> ReplayModel:
@@ -88,10 +88,14 @@ def open_trace(path: str | Path, skip_bad: bool = False) -> Trace:
         return open_recording(p, skip_bad)
     if not p.exists():
         raise TraceError("missing", "no such trace file or recording folder", str(p))
-    from .format import MAGIC, read_v1_header
     with open(p, "rb") as f:
         head = f.read(len(MAGIC))
     if head == MAGIC:
-        return read_v1_header(p)
+        return Trace(p, "trace-v1", **read_v1_header(p))
     raise TraceError("format", "not a recording folder nor a hintpipe trace-v1 file (bad magic); "
                      "a bare kmem text file needs its kpageflags snapshot: pass the recording folder", str(p))
+
+
+def convert(recording_dir: str | Path, out_file: str | Path, skip_bad: bool = False) -> dict:
+    """Convert a recording folder (or another trace-v1 file) into a trace-v1 file."""
+    return write_v1(out_file, open_trace(recording_dir, skip_bad=skip_bad))
