@@ -24,7 +24,7 @@ from hintpipe.config import RunConfig
 from hintpipe.guest.buddy import BuddyAllocator
 from hintpipe.guest.memory import GuestMemory, RealGuestMemory
 from hintpipe.guest.producer import MigrationFailed, Producer
-from hintpipe.guest.walker import FreeListWalker
+from hintpipe.guest.walker import FreeListWalker, Walker
 from hintpipe.guest.workload import Workload
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationEngine, MigrationResult, drive_migration
@@ -44,7 +44,7 @@ __all__ = ["InProcessLink", "InProcessRun", "RealMachine", "migrate_in_process",
 class InProcessLink:
     """A guest's hinting producer and its host session, joined by an in-process virtqueue pair."""
 
-    def __init__(self, cfg: RunConfig, walker, zone: ZoneLock, page_count: int, *, name: str) -> None:
+    def __init__(self, cfg: RunConfig, walker: Walker, zone: ZoneLock, page_count: int, *, name: str) -> None:
         self._guest_end, self._host_end = inproc_pair(cfg.queue_size, event_idx=cfg.event_idx)
         self.producer = Producer(self._guest_end, walker, zone, page_count, window=cfg.queue_size, name=name)
         self.session = HostSession(self._host_end, max_ranges=cfg.max_ranges)

@@ -10,6 +10,7 @@ pages back into runs, goes through the functions here, vectorised (no Python loo
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 PAGE_SHIFT = 12
 """log2 of the page size."""
@@ -23,14 +24,14 @@ MAX_PAGE_COUNT = 1 << 40
 """Largest guest size in pages (4 PiB): keeps every start + npages far below 2**64."""
 
 
-def order_pages(orders):
+def order_pages(orders: int | ArrayLike) -> int | np.ndarray:
     """Pages in blocks of ``orders`` (``2**order``): an int for an int, an int64 array otherwise."""
     if isinstance(orders, (int, np.integer)):
         return 1 << int(orders)
     return np.left_shift(np.int64(1), np.asarray(orders, dtype=np.int64))
 
 
-def pages_order(npages):
+def pages_order(npages: int | ArrayLike) -> int | np.ndarray:
     """Order of blocks of ``npages`` pages (each a power of two): ``log2(npages)``.
 
     An int for an int, a uint8 array otherwise (``popcount(npages - 1)``, exact for powers of two).
@@ -40,7 +41,8 @@ def pages_order(npages):
     return np.bitwise_count(np.asarray(npages, dtype=np.uint64) - np.uint64(1))
 
 
-def run_pages(starts, counts, *, return_index: bool = False):
+def run_pages(starts: ArrayLike, counts: ArrayLike, *,
+              return_index: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Every page of the runs ``[starts[i], starts[i] + counts[i])``, in run order, as int64.
 
     With ``return_index`` also returns, for each page, the index of the run it came from. This is
@@ -59,12 +61,12 @@ def run_pages(starts, counts, *, return_index: bool = False):
     return pages
 
 
-def block_pages(pfns, orders) -> np.ndarray:
+def block_pages(pfns: ArrayLike, orders: ArrayLike) -> np.ndarray:
     """Every page of the blocks ``(pfns[i], orders[i])``, in block order, as int64."""
     return run_pages(pfns, order_pages(orders))
 
 
-def page_runs(pfns) -> tuple[np.ndarray, np.ndarray]:
+def page_runs(pfns: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Pages -> ``(starts, counts)`` of their maximal runs (sorted; duplicates merged)."""
     pfns = np.unique(np.asarray(pfns, dtype=np.int64))
     if not len(pfns):

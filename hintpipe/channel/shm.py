@@ -76,7 +76,7 @@ class ShmEndpoint:
     """One side of a shm link (``send_frame``/``receive``/``aclose``), guest or host role."""
 
     def __init__(self, *, role: str, ring_fd: int, size: int, slot: int, event_idx: bool,
-                 efds: dict[str, int], control, extra_fds: list[int]) -> None:
+                 efds: dict[str, int], control: trio.socket.SocketType, extra_fds: list[int]) -> None:
         lay = ring_layout(size, slot)
         self.role = role
         self.size, self.slot, self.event_idx = size, slot, event_idx
@@ -262,7 +262,8 @@ class ShmEndpoint:
 
 
 @asynccontextmanager
-async def open_shm_guest(control, ram_fds: list[int], *, size: int = 256, slot: int = DEFAULT_SLOT,
+async def open_shm_guest(control: trio.socket.SocketType, ram_fds: list[int], *, size: int = 256,
+                         slot: int = DEFAULT_SLOT,
                          event_idx: bool = True, timeout_s: float = 10.0) -> AsyncIterator[ShmEndpoint]:
     """Guest: create the ring and doorbells, send them (and ``ram_fds``) to the host, wait for OK."""
     lay = ring_layout(size, slot)
@@ -295,7 +296,7 @@ async def open_shm_guest(control, ram_fds: list[int], *, size: int = 256, slot: 
         await ep.aclose()
 
 
-async def _refuse(control, fds: list[int], why: str) -> None:
+async def _refuse(control: trio.socket.SocketType, fds: list[int], why: str) -> None:
     for fd in fds:
         os.close(fd)
     with trio.move_on_after(1):
@@ -308,7 +309,7 @@ async def _refuse(control, fds: list[int], why: str) -> None:
 
 
 @asynccontextmanager
-async def open_shm_host(control, *, timeout_s: float = 10.0) -> AsyncIterator[ShmEndpoint]:
+async def open_shm_host(control: trio.socket.SocketType, *, timeout_s: float = 10.0) -> AsyncIterator[ShmEndpoint]:
     """Host: receive and validate the guest's setup, map its ring, answer OK."""
     try:
         with trio.fail_after(timeout_s):

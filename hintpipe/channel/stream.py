@@ -70,7 +70,7 @@ class StreamEndpoint:
     the first write; ``collect_fds`` makes receives pick up SCM_RIGHTS fds (``received_fds``).
     """
 
-    def __init__(self, sock, *, max_buffer: int = 1 << 20, first_fds: list[int] | None = None,
+    def __init__(self, sock: trio.socket.SocketType, *, max_buffer: int = 1 << 20, first_fds: list[int] | None = None,
                  collect_fds: bool = False) -> None:
         self.sock = sock
         self.max_buffer = max_buffer
@@ -199,7 +199,7 @@ class StreamEndpoint:
 
 
 @asynccontextmanager
-async def open_stream_endpoint(sock, **kw) -> AsyncIterator[StreamEndpoint]:
+async def open_stream_endpoint(sock: trio.socket.SocketType, **kw) -> AsyncIterator[StreamEndpoint]:
     """A :class:`StreamEndpoint` with its writer task running; closed on exit."""
     ep = StreamEndpoint(sock, **kw)
     async with trio.open_nursery() as nursery:
@@ -276,7 +276,7 @@ async def connect(addr: Address):
     return sock
 
 
-async def recv_exactly(sock, n: int) -> bytes:
+async def recv_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
     """Read exactly ``n`` bytes (raises EOFError if the stream ends first)."""
     buf = bytearray()
     while len(buf) < n:
@@ -287,7 +287,7 @@ async def recv_exactly(sock, n: int) -> bytes:
     return bytes(buf)
 
 
-async def sendall(sock, data: bytes) -> None:
+async def sendall(sock: trio.socket.SocketType, data: bytes) -> None:
     """Write all of ``data``."""
     view = memoryview(data)
     while view:
@@ -300,14 +300,14 @@ def auth_mac(secret: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, AUTH_CONTEXT + nonce, hashlib.sha256).digest()
 
 
-async def auth_client(sock, secret: bytes) -> None:
+async def auth_client(sock: trio.socket.SocketType, secret: bytes) -> None:
     """Guest side of the TCP challenge-response (before any v1 frame)."""
     await sendall(sock, AUTH_MAGIC)
     nonce = await recv_exactly(sock, AUTH_NONCE)
     await sendall(sock, auth_mac(secret, nonce))
 
 
-async def auth_server(sock, secret: bytes) -> None:
+async def auth_server(sock: trio.socket.SocketType, secret: bytes) -> None:
     """Host side: demand the magic, send a fresh nonce, check the MAC. Raises AuthError."""
     try:
         magic = await recv_exactly(sock, len(AUTH_MAGIC))

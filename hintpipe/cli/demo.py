@@ -13,7 +13,7 @@ from hintpipe.wp import WP_CHOICES
 __all__ = ["add_parser", "cmd_demo"]
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``hintpipe demo``."""
     d = sub.add_parser("demo", help="migrate a simulated VM in one process, with and without hinting")
     add_guest_options(d)

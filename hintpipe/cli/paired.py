@@ -15,7 +15,7 @@ from hintpipe.cli.options import (
 __all__ = ["add_parsers", "cmd_guest", "cmd_host"]
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``hintpipe guest`` and ``hintpipe host`` (paired processes, real time)."""
     g = sub.add_parser("guest", help="run a simulated guest process that a `hintpipe host` migrates")
     g.add_argument("--connect", required=True, metavar="ADDR", help="unix:PATH, tcp:HOST:PORT or shm:NAME")

@@ -12,7 +12,7 @@ from hintpipe.config import RACE_MODES
 __all__ = ["add_parsers", "cmd_replay", "cmd_inspect", "cmd_record", "cmd_trace_convert"]
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``hintpipe replay``, ``inspect``, ``record`` and ``trace convert``."""
     r = sub.add_parser("replay", help="replay a real allocator trace through hinting and a migration")
     r.add_argument("trace", help="recording folder (kmem.trace.zst + kpageflags.start.zst ...) or trace-v1 file")

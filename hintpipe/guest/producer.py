@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from hintpipe.guest.walker import FreeListWalker
+from hintpipe.channel.endpoint import Endpoint
+from hintpipe.guest.walker import Walker
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.protocol import (
     MAX_OUTSTANDING_FAULTS,
@@ -54,12 +55,12 @@ class ProducerStats:
 
 
 class Producer:
-    """Guest side of one connection. ``endpoint`` has ``send_frame``, ``receive`` and ``aclose``."""
+    """Guest side of one connection over ``endpoint``: hello, then one ``walker`` walk per round."""
 
     def __init__(
         self,
-        endpoint,
-        walker: FreeListWalker,
+        endpoint: Endpoint,
+        walker: Walker,
         zone: ZoneLock,
         page_count: int,
         *,

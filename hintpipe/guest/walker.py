@@ -26,14 +26,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from hintpipe.units import MAX_ORDER, NR_ORDERS
 
 from .buddy import ISOLATED, REPORTED, BuddyAllocator
 
-__all__ = ["FreeListWalker", "WalkerStats", "DEFAULT_MIN_ORDER", "DEFAULT_BATCH"]
+__all__ = ["Walker", "FreeListWalker", "WalkerStats", "DEFAULT_MIN_ORDER", "DEFAULT_BATCH"]
 
 #: pageblock_order on x86 (2 MiB): the default page_reporting_order.
 DEFAULT_MIN_ORDER = 9
@@ -92,6 +94,30 @@ class WalkerStats:
             return {"p50_us": 0.0, "p99_us": 0.0, "max_us": 0.0}
         p50, p99 = np.percentile(d, [50, 99]) * 1e6
         return {"p50_us": float(p50), "p99_us": float(p99), "max_us": float(d.max() * 1e6)}
+
+
+class Walker(Protocol):
+    """What the producer drives: a lock-bounded walk of a guest's free blocks, one per round.
+
+    :class:`FreeListWalker` walks the buddy allocator; the replay's
+    :class:`~hintpipe.trace.replay.TraceWalker` walks a recorded kernel's free pages.
+    """
+
+    isolate: bool
+    """Returned blocks stay off the free lists until :meth:`release`."""
+
+    @property
+    def done(self) -> bool:
+        """No more blocks to visit this round."""
+
+    def start_round(self) -> None:
+        """Begin a walk (called with the zone lock held)."""
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``(pfns, orders)`` of free blocks (called with the zone lock held)."""
+
+    def release(self, pfns: ArrayLike, orders: ArrayLike) -> None:
+        """Put isolated blocks back once the host has acked them."""
 
 
 class FreeListWalker:
@@ -333,7 +359,7 @@ class FreeListWalker:
         # pfns are non-negative int64: a uint64 view, not a copy
         return pfns.view(np.uint64), orders
 
-    def release(self, pfns, orders) -> None:
+    def release(self, pfns: ArrayLike, orders: ArrayLike) -> None:
         """Isolate mode: the host acked these blocks; put them back (merging).
 
         Blocks of the current round come back REPORTED unless they merged

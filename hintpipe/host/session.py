@@ -14,6 +14,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
+from hintpipe.channel.endpoint import Endpoint
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.protocol import (
     Bye,
@@ -36,9 +37,9 @@ class GuestGone(Exception):
 
 
 class HostSession:
-    """Serve one guest over ``endpoint`` (``send_frame``, ``receive``, ``aclose``)."""
+    """Serve one guest over ``endpoint``."""
 
-    def __init__(self, endpoint, *, max_ranges: int = MAX_RANGES_PER_BATCH, window: int | None = None,
+    def __init__(self, endpoint: Endpoint, *, max_ranges: int = MAX_RANGES_PER_BATCH, window: int | None = None,
                  first_cmd_id: int = CMD_ID_BASE, send_timeout_s: float = 10.0) -> None:
         self.endpoint = endpoint
         self.send_timeout_s = send_timeout_s
@@ -71,8 +72,9 @@ class HostSession:
                 await self.endpoint.aclose()
             raise trio.BrokenResourceError(self.failure)
 
-    async def handshake(self, make_state=None) -> Hello:
-        """Wait for the guest's ``Hello``, create its page state, answer ``Welcome``."""
+    async def handshake(self, make_state: Callable[[Hello], HostPageState] | None = None) -> Hello:
+        """Wait for the guest's ``Hello``, create its page state (``make_state``, which may refuse
+        the guest by raising; default: a fresh page state of its size), answer ``Welcome``."""
         while True:
             ev = await self._next_event()
             if isinstance(ev, Hello):

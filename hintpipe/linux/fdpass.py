@@ -24,7 +24,7 @@ def scm_rights(fds: list[int]) -> tuple[int, int, array.array]:
     return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))
 
 
-def received_fds(ancdata) -> list[int]:
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     """Every fd in the SCM_RIGHTS items of a ``recvmsg``'s ancillary data (the caller owns them)."""
     fds: list[int] = []
     for level, typ, payload in ancdata:
@@ -54,8 +54,9 @@ def recv_fds(sock: socket.socket, maxfds: int = 4, bufsize: int = 4096) -> tuple
     return data, fds
 
 
-def peer_pid(sock) -> int | None:
-    """The pid of a connected unix socket's peer (SO_PEERCRED), None if the kernel will not say."""
+def peer_pid(sock: socket.socket) -> int | None:
+    """The pid of a connected unix socket's peer (SO_PEERCRED; a trio socket does as well), None
+    if the kernel will not say."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from hintpipe.channel.address import Address
+from hintpipe.channel.endpoint import Endpoint
 from hintpipe.config import RunConfig
 from hintpipe.channel.records import RecordEndpoint
 from hintpipe.channel.stream import auth_client, connect, open_stream_endpoint
@@ -61,7 +62,7 @@ def guest_config_dict(cfg: RunConfig) -> dict:
 
 
 async def _open_endpoint(stack: AsyncExitStack, opts: GuestOptions, region: SharedRegion,
-                         real: GuestRealRam | None = None):
+                         real: GuestRealRam | None = None) -> Endpoint:
     addr = opts.address
     with trio.fail_after(opts.connect_timeout_s):
         sock = await connect(addr)

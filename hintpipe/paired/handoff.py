@@ -145,7 +145,7 @@ class GuestRealRam:
         self.ram.close()
 
 
-async def send_handoff(sock, real: GuestRealRam) -> None:
+async def send_handoff(sock: trio.socket.SocketType, real: GuestRealRam) -> None:
     """Send the RAM handoff message with its fds on a freshly connected unix socket."""
     data = real.handoff()
     n = await sock.sendmsg([data], [scm_rights(real.fds())])
@@ -189,7 +189,7 @@ def _check_memfd(fd: int, page_count: int) -> None:
                               f"{page_count * PAGE_SIZE}")
 
 
-async def receive_handoff(sock, timeout_s: float = 10.0) -> ReceivedRam:
+async def receive_handoff(sock: trio.socket.SocketType, timeout_s: float = 10.0) -> ReceivedRam:
     """Host: read and validate the guest's RAM handoff (the first message on the socket).
 
     Raises :class:`RealMemoryError` with one sentence; no fd is left open on failure.

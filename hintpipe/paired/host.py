@@ -16,11 +16,13 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable
 
 import numpy as np
 import trio
 
 from hintpipe.channel.address import Address
+from hintpipe.channel.endpoint import Endpoint
 from hintpipe.config import RACE_MODES, RunConfig
 from hintpipe.channel.records import V1, RecordEndpoint, record
 from hintpipe.channel.stream import AuthError, auth_server, open_listener, open_stream_endpoint, sendall
@@ -35,7 +37,7 @@ from hintpipe.paired.handoff import (
 from hintpipe.paired.mirror import MirroredRegion, MirrorReceiver
 from hintpipe.paired.region import RegionError, SharedRegion
 from hintpipe.protocol import ErrorCode, ProtocolError, encode
-from hintpipe.protocol.messages import CMD_ID_BASE, Error
+from hintpipe.protocol.messages import CMD_ID_BASE, Error, Hello
 from hintpipe.report import HintFigures, RunResult, format_summary, run_report
 
 
@@ -97,7 +99,7 @@ def _counters(obj) -> dict:
     return {k: _num(v) for k, v in list(obj.items())[:32] if isinstance(k, str)}
 
 
-def _notifications(ep, gstats: dict) -> dict:
+def _notifications(ep: Endpoint, gstats: dict) -> dict:
     """The report's ``notifications``: demo's keys for shm (guest->host kicks from the guest's
     counters, interrupts and host->guest kicks from the host's), stream counters otherwise."""
     host = ep.notify_stats() if hasattr(ep, "notify_stats") else {}
@@ -161,13 +163,13 @@ class GuestServer:
                 except FileNotFoundError:
                     pass
 
-    async def _accept_loop(self, listener, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
             sock, _ = await listener.accept()
             self._ids += 1
             nursery.start_soon(self._connection, sock, self._ids)
 
-    async def _connection(self, sock, gid: int) -> None:
+    async def _connection(self, sock: trio.socket.SocketType, gid: int) -> None:
         try:
             await self._connection_inner(sock, gid)
         except Exception as e:  # one guest's failure must never take the host (and the others) down
@@ -175,7 +177,7 @@ class GuestServer:
                 raise
             print(f"hintpipe host: guest {gid}: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
-    async def _connection_inner(self, sock, gid: int) -> None:
+    async def _connection_inner(self, sock: trio.socket.SocketType, gid: int) -> None:
         kind = self.opts.address.kind
         rx: ReceivedRam | None = None
         try:
@@ -233,7 +235,7 @@ class GuestServer:
                 rx.close()
             sock.close()
 
-    async def _refuse_raw(self, sock, gid: int, msg: str, *, frame: bool) -> None:
+    async def _refuse_raw(self, sock: trio.socket.SocketType, gid: int, msg: str, *, frame: bool) -> None:
         """Refuse a guest before any transport is open: an Error frame (unix) and a clean close."""
         print(f"hintpipe host: guest {gid}: {msg}", file=sys.stderr, flush=True)
         if not frame:
@@ -247,8 +249,8 @@ class GuestServer:
             except OSError:
                 pass
 
-    async def _serve_guest(self, ep, gid: int, take_fds, rx: ReceivedRam | None = None,
-                           mirror: MirrorReceiver | None = None) -> None:
+    async def _serve_guest(self, ep: Endpoint, gid: int, take_fds: Callable[[], list[int]],
+                           rx: ReceivedRam | None = None, mirror: MirrorReceiver | None = None) -> None:
         opts = self.opts
         # command ids are unique across this host's connections: a guest that reconnects never
         # sees an id of its previous connection (blocks of 2**16 rounds per connection)
@@ -256,7 +258,7 @@ class GuestServer:
                               first_cmd_id=CMD_ID_BASE + ((gid - 1) % 32768) * 65536)
         regions: list[SharedRegion] = []
 
-        def make_state(hello):
+        def make_state(hello: Hello) -> HostPageState:
             if hello.page_count > opts.max_guest_pages:
                 raise RegionError(f"a guest of {hello.page_count} pages exceeds this host's limit of "
                                   f"{opts.max_guest_pages} pages (--max-guest-pages)")
@@ -319,7 +321,7 @@ class GuestServer:
                 real.close()  # sync uffd: lifts all protection, so no guest writer stays blocked
             region.close()
 
-    async def _migrate(self, ep, gid: int, session: HostSession, hello, region: SharedRegion,
+    async def _migrate(self, ep: Endpoint, gid: int, session: HostSession, hello: Hello, region: SharedRegion,
                        real: HostRealMemory | None = None) -> None:
         opts = self.opts
         state = session.state

@@ -16,7 +16,7 @@ from .codec import (
     validate_pfns,
     validate_ranges,
 )
-from .connection import MAX_OPEN_ROUNDS, ConnState, GuestConnection, HostConnection
+from .connection import MAX_OPEN_ROUNDS, GuestConnection, HostConnection
 from .errors import ErrorCode, LocalProtocolError, ProtocolError
 from .messages import (
     CMD_ID_BASE,
@@ -50,11 +50,12 @@ from .messages import (
     StopRound,
     Welcome,
 )
+from .states import ConnState, Direction, Role
 
 __all__ = [
     "FrameDecoder", "decode", "decode_payload", "decode_pfns", "decode_ranges", "encode",
     "encode_payload", "encode_ranges", "validate_pfns", "validate_ranges",
-    "MAX_OPEN_ROUNDS", "ConnState", "GuestConnection", "HostConnection",
+    "MAX_OPEN_ROUNDS", "ConnState", "Direction", "Role", "GuestConnection", "HostConnection",
     "ErrorCode", "LocalProtocolError", "ProtocolError",
     "CMD_ID_BASE", "CMD_ID_MAX", "MAX_FAULT_PFNS", "MAX_FRAME_PAYLOAD", "MAX_NAME_LEN",
     "MAX_OUTSTANDING_FAULTS", "MAX_PAGE_COUNT", "MAX_RANGE_ORDER", "MAX_RANGES_PER_BATCH",

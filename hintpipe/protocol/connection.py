@@ -6,12 +6,14 @@ raises :class:`ProtocolError`; the connection is then in state ERROR, ``next_eve
 raising the same error, and the adapter should send ``conn.error(err.code, err.message)`` and
 close. Misuse of the local API raises :class:`LocalProtocolError` and changes nothing.
 
-The normative rules (states, command ids, credits) are in ``protocols/wire-v1.md``.
+Which message may come or go in which state, and where it leads, is the table of
+:mod:`hintpipe.protocol.states`; the classes here drive it and add the checks that depend on
+more than the state (command ids, credits, ranges, faults). The normative rules are in
+``protocols/wire-v1.md``.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from .codec import FrameDecoder, encode, encode_ranges, frame, pack_payload, validate_pfns, validate_ranges
 from .errors import ErrorCode, LocalProtocolError, ProtocolError
+from .states import SENT_BY, ConnState, Direction, Role, transition
 from .messages import (
     CMD_ID_BASE,
     CMD_ID_MAX,
@@ -50,52 +53,30 @@ MAX_OPEN_ROUNDS = 16
 """Round ids the host may have issued whose RoundEnd has not arrived yet (bounds host state)."""
 
 
-class ConnState(enum.Enum):
-    """Connection states (host and guest share the enum; see wire-v1.md "State machines")."""
-
-    START = "START"
-    """Guest only: Hello not sent yet."""
-    AWAIT_HELLO = "AWAIT_HELLO"
-    """Host only: waiting for the guest's Hello."""
-    HELLO_RECEIVED = "HELLO_RECEIVED"
-    """Host only: Hello received, the application must call welcome()."""
-    AWAIT_WELCOME = "AWAIT_WELCOME"
-    """Guest only: Hello sent, waiting for Welcome."""
-    READY = "READY"
-    """Handshake done: rounds, hints, acks and faults flow."""
-    DONE = "DONE"
-    """Done sent (host) / received (guest): no new rounds; in-flight traffic drains."""
-    CLOSED = "CLOSED"
-    """Bye sent or received, Error received, or end of stream."""
-    ERROR = "ERROR"
-    """A protocol error was detected locally or error() was sent."""
-
-
-
-
 def _local(code: ErrorCode, message: str) -> LocalProtocolError:
     return LocalProtocolError(code, message)
 
 
 class _Connection:
-    """Shared receive path, close handling and error poisoning."""
+    """Shared receive path, close handling and error poisoning; subclasses give the role and a
+    handler per message type they receive (its checks and effects)."""
 
-    _role = "?"
-    _inbound: frozenset[int] = frozenset()  # message types this side may receive
+    _role: Role
 
     def __init__(self, phase: ConnState) -> None:
         self._decoder = FrameDecoder()
-        self._phase = phase  # handshake/round phase; closing and errors are tracked apart
+        self._phase = phase  # handshake/round phase: moves only through the transition table
+        self._local_close: ConnState | None = None  # CLOSED after sending Bye, ERROR after Error
+        self._peer_close: ConnState | None = None  # CLOSED once the peer's Bye or Error arrived
         self._error: ProtocolError | None = None
         self._eof = False
         self._closed_reported = False
-        self._peer_closed = False  # Bye or Error received
-        self._local_closed = False  # Bye or Error sent
-        self._error_sent = False
         self._page_count: int | None = None
         self._window: int | None = None
         self._max_ranges: int | None = None
         self._features = 0
+        peer = Role.GUEST if self._role is Role.HOST else Role.HOST
+        self._inbound = SENT_BY[peer]
 
     # -- receive side --------------------------------------------------------------------
 
@@ -120,51 +101,56 @@ class _Connection:
                     return None
                 self._decoder.eof()  # raises on a truncated frame
                 self._closed_reported = True
-                return ConnectionClosed(clean=self._peer_closed)
-            if self._peer_closed:
+                return ConnectionClosed(clean=self._peer_close is not None)
+            if self._peer_close is not None:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} after the peer's Bye/Error")
-            if isinstance(msg, (Error, Bye)):
-                self._peer_closed = True
-                return msg
             if msg.TYPE not in self._inbound:
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is never sent to the {self._role}")
-            return self._handle(msg)
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is never sent to the {self._role.value}")
+            nxt = transition(self._role, self._phase, Direction.RECEIVE, msg.TYPE)
+            if nxt is None:
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} not allowed in state {self._phase.name}")
+            if msg.TYPE in (MessageType.ERROR, MessageType.BYE):
+                self._peer_close = nxt  # closing is kept apart from the phase
+                return msg
+            ev = self._receive(msg)
+            self._phase = nxt
+            return ev
         except ProtocolError as exc:
             self._error = exc
             raise
 
-    def _handle(self, msg: Message) -> Event:
+    def _receive(self, msg: Message) -> Event:
+        """Check ``msg`` (allowed in this state) against the connection and apply its effects."""
         raise NotImplementedError
-
-    def _unexpected(self, msg: Message) -> ProtocolError:
-        return ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} not allowed in state {self._phase.name}")
 
     # -- send side -----------------------------------------------------------------------
 
-    def _check_can_send(self, *allowed: ConnState) -> None:
-        if self._local_closed or self._peer_closed or self._error is not None:
+    def _check_can_send(self, mtype: MessageType) -> ConnState:
+        """The state after sending ``mtype`` now; LocalProtocolError if it may not be sent."""
+        if self._local_close is not None or self._peer_close is not None or self._error is not None:
             raise _local(ErrorCode.UNEXPECTED_MESSAGE, f"only error()/bye() allowed in state {self.state.name}")
-        if self._phase not in allowed:
+        nxt = transition(self._role, self._phase, Direction.SEND, mtype)
+        if nxt is None:
             raise _local(ErrorCode.UNEXPECTED_MESSAGE, f"not allowed in state {self._phase.name}")
+        return nxt
 
     def error(self, code: int, message: str) -> bytes:
         """Bytes of an Error frame; afterwards this side sends nothing more and closes.
 
         Allowed in every state (typically right after next_event raised ProtocolError).
         """
-        if self._local_closed:
+        if self._local_close is not None:
             raise _local(ErrorCode.UNEXPECTED_MESSAGE, "connection already closed by this side")
         data = encode(Error(int(code), str(message)[:MAX_TEXT_LEN]))
-        self._local_closed = True
-        self._error_sent = True
+        self._local_close = transition(self._role, self._phase, Direction.SEND, MessageType.ERROR)
         return data
 
     def bye(self, reason: str = "") -> bytes:
         """Bytes of a Bye frame (orderly close); afterwards this side sends nothing more."""
-        if self._local_closed or self._error is not None:
+        if self._local_close is not None or self._error is not None:
             raise _local(ErrorCode.UNEXPECTED_MESSAGE, "after an error or a close only error() is allowed")
         data = encode(Bye(str(reason)[:MAX_TEXT_LEN]))
-        self._local_closed = True
+        self._local_close = transition(self._role, self._phase, Direction.SEND, MessageType.BYE)
         return data
 
     # -- common properties ---------------------------------------------------------------
@@ -173,9 +159,11 @@ class _Connection:
     def state(self) -> ConnState:
         """Current :class:`ConnState`: ERROR after a detected or sent error, CLOSED after a Bye
         (either way), a received Error or end of stream, else the handshake/round phase."""
-        if self._error is not None or self._error_sent:
+        if self._error is not None:
             return ConnState.ERROR
-        if self._local_closed or self._peer_closed or self._closed_reported:
+        if self._local_close is not None:
+            return self._local_close
+        if self._peer_close is not None or self._closed_reported:
             return ConnState.CLOSED
         return self._phase
 
@@ -207,12 +195,12 @@ class _Connection:
     @property
     def local_closed(self) -> bool:
         """True once this side sent Bye or Error."""
-        return self._local_closed
+        return self._local_close is not None
 
     @property
     def peer_closed(self) -> bool:
         """True once the peer sent Bye or Error."""
-        return self._peer_closed
+        return self._peer_close is not None
 
 
 class HostConnection(_Connection):
@@ -222,8 +210,7 @@ class HostConnection(_Connection):
     ranges, but Ack the frame), RoundEnd, Fault, Error, Bye, ConnectionClosed.
     """
 
-    _role = "host"
-    _inbound = frozenset({MessageType.HELLO, MessageType.HINTS, MessageType.ROUND_END, MessageType.FAULT})
+    _role = Role.HOST
 
     def __init__(self) -> None:
         super().__init__(ConnState.AWAIT_HELLO)
@@ -251,32 +238,34 @@ class HostConnection(_Connection):
 
     # -- receive ---------------------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> Event:
-        st = self._phase
+    def _receive(self, msg: Message) -> Event:
         t = type(msg)
-        if st is ConnState.AWAIT_HELLO:
-            if t is not Hello:
-                raise self._unexpected(msg)
-            self._hello = msg
-            self._page_count = msg.page_count
-            self._guest_window = msg.window
-            self._phase = ConnState.HELLO_RECEIVED
-            return msg
-        if not self.established or t is Hello:
-            raise self._unexpected(msg)
         if t is Hints:
             return self._on_hints(msg)
         if t is RoundEnd:
-            seen = self._open.get(msg.cmd_id)
-            if seen is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_COMMAND_ID, f"RoundEnd for cmd_id {msg.cmd_id:#x}, which is not an open round")
-            if msg.batches != seen:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"RoundEnd {msg.cmd_id:#x} says {msg.batches} batches, host received {seen}")
-            del self._open[msg.cmd_id]
-            if self._current == msg.cmd_id:
-                self._current = None  # the guest finished its walk before being stopped
-            return msg
-        # Fault
+            return self._on_round_end(msg)
+        if t is Fault:
+            return self._on_fault(msg)
+        return self._on_hello(msg)
+
+    def _on_hello(self, msg: Hello) -> Event:
+        self._hello = msg
+        self._page_count = msg.page_count
+        self._guest_window = msg.window
+        return msg
+
+    def _on_round_end(self, msg: RoundEnd) -> Event:
+        seen = self._open.get(msg.cmd_id)
+        if seen is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_COMMAND_ID, f"RoundEnd for cmd_id {msg.cmd_id:#x}, which is not an open round")
+        if msg.batches != seen:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"RoundEnd {msg.cmd_id:#x} says {msg.batches} batches, host received {seen}")
+        del self._open[msg.cmd_id]
+        if self._current == msg.cmd_id:
+            self._current = None  # the guest finished its walk before being stopped
+        return msg
+
+    def _on_fault(self, msg: Fault) -> Event:
         if len(self._faults) >= MAX_OUTSTANDING_FAULTS:
             raise ProtocolError(ErrorCode.CREDIT_EXCEEDED, f"more than {MAX_OUTSTANDING_FAULTS} outstanding Fault frames")
         if msg.seq in self._faults:
@@ -314,7 +303,7 @@ class HostConnection(_Connection):
 
     def welcome(self, max_ranges: int = MAX_RANGES_PER_BATCH, window: int | None = None, features: int = 0) -> bytes:
         """Answer the Hello: accept ``window`` (default: the guest's) and ``max_ranges``."""
-        self._check_can_send(ConnState.HELLO_RECEIVED)
+        nxt = self._check_can_send(MessageType.WELCOME)
         assert self._hello is not None
         if window is None:
             window = self._guest_window
@@ -325,12 +314,12 @@ class HostConnection(_Connection):
         features &= self._hello.features  # never enable what the guest did not offer
         data = encode(Welcome(PROTOCOL_VERSION, max_ranges, window, features))
         self._window, self._max_ranges, self._features = window, max_ranges, features
-        self._phase = ConnState.READY
+        self._phase = nxt
         return data
 
     def start_round(self, cmd_id: int | None = None) -> bytes:
         """Start a round; ``cmd_id`` defaults to the next id. Needs no active round."""
-        self._check_can_send(ConnState.READY)
+        self._check_can_send(MessageType.START_ROUND)
         if self._current is not None:
             raise _local(ErrorCode.UNEXPECTED_MESSAGE, f"round {self._current:#x} is still active")
         if cmd_id is None:
@@ -348,7 +337,7 @@ class HostConnection(_Connection):
 
     def stop_round(self) -> bytes:
         """Stop the active round; later Hints under it arrive as StaleHints until RoundEnd."""
-        self._check_can_send(ConnState.READY)
+        self._check_can_send(MessageType.STOP_ROUND)
         if self._current is None:
             raise _local(ErrorCode.UNEXPECTED_MESSAGE, "no active round")
         data = encode(StopRound(self._current))
@@ -357,7 +346,7 @@ class HostConnection(_Connection):
 
     def ack(self, count: int = 1) -> bytes:
         """Return ``count`` credits: the oldest ``count`` un-acked Hints/StaleHints are handled."""
-        self._check_can_send(ConnState.READY, ConnState.DONE)
+        self._check_can_send(MessageType.ACK)
         if type(count) is not int or not 1 <= count <= self._unacked:
             raise _local(ErrorCode.BAD_FIELD, f"ack count {count!r} outside [1, {self._unacked} un-acked]")
         data = encode(Ack(count))
@@ -367,7 +356,7 @@ class HostConnection(_Connection):
 
     def fault_done(self, seq: int) -> bytes:
         """Release the writer waiting on Fault ``seq``."""
-        self._check_can_send(ConnState.READY, ConnState.DONE)
+        self._check_can_send(MessageType.FAULT_DONE)
         if seq not in self._faults:
             raise _local(ErrorCode.BAD_FIELD, f"Fault seq {seq} is not outstanding")
         data = encode(FaultDone(seq))
@@ -376,11 +365,11 @@ class HostConnection(_Connection):
 
     def done(self, ok: bool, summary: dict[str, Any] | None = None) -> bytes:
         """Migration finished; requires no active round (call stop_round first)."""
-        self._check_can_send(ConnState.READY)
+        nxt = self._check_can_send(MessageType.DONE)
         if self._current is not None:
             raise _local(ErrorCode.UNEXPECTED_MESSAGE, f"round {self._current:#x} is still active")
         data = encode(Done(bool(ok), dict(summary or {})))
-        self._phase = ConnState.DONE
+        self._phase = nxt
         return data
 
     # -- properties ------------------------------------------------------------------------
@@ -417,10 +406,7 @@ class GuestConnection(_Connection):
     Events: Welcome, StartRound, StopRound, Ack, FaultDone, Done, Error, Bye, ConnectionClosed.
     """
 
-    _role = "guest"
-    _inbound = frozenset(
-        {MessageType.WELCOME, MessageType.START_ROUND, MessageType.STOP_ROUND, MessageType.ACK, MessageType.FAULT_DONE, MessageType.DONE}
-    )
+    _role = Role.GUEST
 
     def __init__(self) -> None:
         super().__init__(ConnState.START)
@@ -436,10 +422,10 @@ class GuestConnection(_Connection):
 
     def hello(self, page_count: int, window: int = 256, name: str = "", features: int = 0) -> bytes:
         """First frame: guest size in 4 KiB pages, requested window, a name for logs."""
-        self._check_can_send(ConnState.START)
+        nxt = self._check_can_send(MessageType.HELLO)
         data = encode(Hello(PROTOCOL_VERSION, PAGE_SIZE, page_count, window, features, name))
         self._page_count, self._offered_window, self._offered_features = page_count, window, features
-        self._phase = ConnState.AWAIT_WELCOME
+        self._phase = nxt
         return data
 
     def hints(self, cmd_id: int, ranges: np.ndarray, *, validate: bool = True) -> bytes:
@@ -448,7 +434,7 @@ class GuestConnection(_Connection):
         ``validate`` re-checks the ranges locally (vectorised; cheap) so a buggy producer
         fails here instead of getting the connection killed by the host.
         """
-        self._check_can_send(ConnState.READY)
+        self._check_can_send(MessageType.HINTS)
         if cmd_id != self._active:
             raise _local(ErrorCode.UNKNOWN_COMMAND_ID, f"cmd_id {cmd_id!r} is not the active round ({self._active!r})")
         if self._in_flight >= self._window:
@@ -472,7 +458,7 @@ class GuestConnection(_Connection):
     def round_end(self, cmd_id: int, batches: int | None = None) -> bytes:
         """End round ``cmd_id`` (walk finished, or StopRound obeyed). ``batches`` defaults to
         the Hints frames this connection sent under it; exactly one RoundEnd per round."""
-        self._check_can_send(ConnState.READY, ConnState.DONE)
+        self._check_can_send(MessageType.ROUND_END)
         sent = self._open.get(cmd_id)
         if sent is None:
             raise _local(ErrorCode.UNKNOWN_COMMAND_ID, f"cmd_id {cmd_id!r} is not an open round")
@@ -488,7 +474,7 @@ class GuestConnection(_Connection):
 
     def fault(self, seq: int, pfns: Iterable[int] | np.ndarray) -> bytes:
         """Report pages about to be written; wait for FaultDone(seq) before writing them."""
-        self._check_can_send(ConnState.READY, ConnState.DONE)
+        self._check_can_send(MessageType.FAULT)
         if len(self._faults) >= MAX_OUTSTANDING_FAULTS:
             raise _local(ErrorCode.CREDIT_EXCEEDED, f"{MAX_OUTSTANDING_FAULTS} Faults outstanding")
         if seq in self._faults:
@@ -506,57 +492,62 @@ class GuestConnection(_Connection):
 
     # -- receive ---------------------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> Event:
-        st = self._phase
+    def _receive(self, msg: Message) -> Event:
         t = type(msg)
-        if st is ConnState.AWAIT_WELCOME:
-            if t is not Welcome:
-                raise self._unexpected(msg)
-            if msg.window > self._offered_window:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"Welcome window {msg.window} > requested {self._offered_window}")
-            if msg.features & ~self._offered_features:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"Welcome enables features {msg.features:#x} not offered")
-            self._window, self._max_ranges, self._features = msg.window, msg.max_ranges, msg.features
-            self._phase = ConnState.READY
-            return msg
-        if not self.established or t is Welcome:
-            raise self._unexpected(msg)
         if t is Ack:
-            if msg.count > self._in_flight:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"Ack of {msg.count} frames, only {self._in_flight} in flight")
-            self._in_flight -= msg.count
-            return msg
+            return self._on_ack(msg)
         if t is FaultDone:
-            if msg.seq not in self._faults:
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"FaultDone for seq {msg.seq}, which is not outstanding")
-            self._faults.discard(msg.seq)
-            return msg
-        if st is not ConnState.READY:  # StartRound / StopRound / Done after Done
-            raise self._unexpected(msg)
+            return self._on_fault_done(msg)
         if t is StartRound:
-            if msg.cmd_id < CMD_ID_BASE:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"StartRound cmd_id {msg.cmd_id:#x} below {CMD_ID_BASE:#x}")
-            if self._last_started is not None and msg.cmd_id <= self._last_started:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"StartRound cmd_id {msg.cmd_id:#x} not above {self._last_started:#x}")
-            if self._active is not None:
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"StartRound while round {self._active:#x} is active")
-            if len(self._open) >= MAX_OPEN_ROUNDS:
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"more than {MAX_OPEN_ROUNDS} rounds without RoundEnd")
-            self._active = self._last_started = msg.cmd_id
-            self._open[msg.cmd_id] = 0
-            return msg
+            return self._on_start_round(msg)
         if t is StopRound:
-            if self._last_started is None or not CMD_ID_BASE <= msg.cmd_id <= self._last_started:
-                raise ProtocolError(ErrorCode.UNKNOWN_COMMAND_ID, f"StopRound for cmd_id {msg.cmd_id:#x}, never started")
-            if msg.cmd_id in self._open and msg.cmd_id != self._active:
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"StopRound {msg.cmd_id:#x} twice")
-            if msg.cmd_id == self._active:
-                self._active = None  # still open: the application must answer round_end()
-            # else: the guest already sent RoundEnd for it (crossed in flight); nothing to do
+            return self._on_stop_round(msg)
+        if t is Done:
+            self._active = None
             return msg
-        # Done
-        self._active = None
-        self._phase = ConnState.DONE
+        return self._on_welcome(msg)
+
+    def _on_welcome(self, msg: Welcome) -> Event:
+        if msg.window > self._offered_window:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"Welcome window {msg.window} > requested {self._offered_window}")
+        if msg.features & ~self._offered_features:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"Welcome enables features {msg.features:#x} not offered")
+        self._window, self._max_ranges, self._features = msg.window, msg.max_ranges, msg.features
+        return msg
+
+    def _on_ack(self, msg: Ack) -> Event:
+        if msg.count > self._in_flight:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"Ack of {msg.count} frames, only {self._in_flight} in flight")
+        self._in_flight -= msg.count
+        return msg
+
+    def _on_fault_done(self, msg: FaultDone) -> Event:
+        if msg.seq not in self._faults:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"FaultDone for seq {msg.seq}, which is not outstanding")
+        self._faults.discard(msg.seq)
+        return msg
+
+    def _on_start_round(self, msg: StartRound) -> Event:
+        if msg.cmd_id < CMD_ID_BASE:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"StartRound cmd_id {msg.cmd_id:#x} below {CMD_ID_BASE:#x}")
+        if self._last_started is not None and msg.cmd_id <= self._last_started:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"StartRound cmd_id {msg.cmd_id:#x} not above {self._last_started:#x}")
+        if self._active is not None:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"StartRound while round {self._active:#x} is active")
+        if len(self._open) >= MAX_OPEN_ROUNDS:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"more than {MAX_OPEN_ROUNDS} rounds without RoundEnd")
+        self._active = self._last_started = msg.cmd_id
+        self._open[msg.cmd_id] = 0
+        return msg
+
+    def _on_stop_round(self, msg: StopRound) -> Event:
+        if self._last_started is None or not CMD_ID_BASE <= msg.cmd_id <= self._last_started:
+            raise ProtocolError(ErrorCode.UNKNOWN_COMMAND_ID, f"StopRound for cmd_id {msg.cmd_id:#x}, never started")
+        if msg.cmd_id in self._open and msg.cmd_id != self._active:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"StopRound {msg.cmd_id:#x} twice")
+        if msg.cmd_id == self._active:
+            self._active = None  # still open: the application must answer round_end()
+        # else: the guest already sent RoundEnd for it (crossed in flight); nothing to do
         return msg
 
     # -- properties ------------------------------------------------------------------------

@@ -125,7 +125,7 @@ class TraceWalker:
             self.stats.record_batch(n, pages, time.perf_counter() - t0, False)
         return pfns, orders
 
-    def release(self, pfns, orders) -> None:
+    def release(self, pfns: np.ndarray, orders: np.ndarray) -> None:
         """Nothing to release: blocks are never isolated in a replay."""
 
 
