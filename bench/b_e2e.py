@@ -138,8 +138,8 @@ def _consume(dec: FrameDecoder, state, pages: int) -> tuple[int, int, bool]:
     while (msg := dec.next_message()) is not None:
         frames += 1
         if type(msg) is Hints:
-            validate_ranges(msg.ranges, pages)
-            state.apply_hints(msg.ranges)
+            orders = validate_ranges(msg.ranges, pages)
+            state.apply_blocks(msg.ranges[:, 0], orders)
             ranges += len(msg.ranges)
         elif type(msg) is RoundEnd:
             return ranges, frames, True
@@ -367,8 +367,8 @@ def inproc_link(n_blocks: int, pages: int, event_idx: bool, queue_size: int = 25
                 dec.feed(f)
                 while (msg := dec.next_message()) is not None:
                     if type(msg) is Hints:
-                        validate_ranges(msg.ranges, pages)
-                        state.apply_hints(msg.ranges)
+                        orders = validate_ranges(msg.ranges, pages)
+                        state.apply_blocks(msg.ranges[:, 0], orders)
                         got[0] += len(msg.ranges)
 
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import trio
 from hintpipe.channel.endpoint import Endpoint
 from hintpipe.guest.walker import Walker
 from hintpipe.guest.zonelock import ZoneLock
+from hintpipe.units import order_pages
 from hintpipe.protocol import (
     MAX_OUTSTANDING_FAULTS,
     Ack,
@@ -45,12 +46,9 @@ class MigrationFailed(Exception):
 
 @dataclass
 class ProducerStats:
-    """What the producer sent."""
+    """The producer's rounds (what it sent is counted by its connection: :meth:`Producer.figures`)."""
 
     rounds: int = 0
-    frames: int = 0
-    ranges: int = 0
-    pages: int = 0
     walks_cancelled: int = 0
 
 
@@ -78,7 +76,6 @@ class Producer:
         self.result: Done | None = None
         self._walk_scope: trio.CancelScope | None = None
         self._walk_id: int | None = None
-        self._walk_batches = 0
         self._ended: set[int] = set()
         self._credit = trio.Event()
         self._inflight: deque[tuple[np.ndarray, np.ndarray]] = deque()
@@ -88,6 +85,12 @@ class Producer:
         self._fault_waiters: dict[int, trio.Event] = {}
         self._fault_slots = trio.Semaphore(MAX_OUTSTANDING_FAULTS)
         self._gone = False
+
+    def figures(self) -> dict:
+        """Rounds walked and cancelled, and the Hints frames, ranges and pages sent."""
+        c = self.conn
+        return {"rounds": self.stats.rounds, "frames": c.hints_frames, "ranges": c.hints_ranges,
+                "pages": c.hints_pages, "walks_cancelled": self.stats.walks_cancelled}
 
     async def _send(self, frame: bytes) -> None:
         async with self._send_lock:
@@ -176,7 +179,7 @@ class Producer:
         cmd_id = self._walk_id
         if cmd_id is not None and cmd_id not in self._ended:
             self._ended.add(cmd_id)
-            await self._send(self.conn.round_end(cmd_id, self._walk_batches))
+            await self._send(self.conn.round_end(cmd_id))  # the frames the connection sent under it
         self._walk_scope = None
         self._walk_id = None
 
@@ -202,7 +205,6 @@ class Producer:
         with trio.CancelScope() as scope:
             self._walk_scope = scope
             self._walk_id = cmd_id
-            self._walk_batches = 0
             task_status.started()
             async with self.zone.walker(round_start=True):
                 self.walker.start_round()
@@ -225,24 +227,19 @@ class Producer:
                         self.walker.release(pfns, orders)
                     await trio.lowlevel.checkpoint()
                     return
-                ranges = np.column_stack((pfns.astype(np.uint64), np.left_shift(np.uint64(1), orders.astype(np.uint64))))
+                ranges = np.column_stack((pfns.astype(np.uint64), order_pages(orders).astype(np.uint64)))
                 frame = self.conn.hints(cmd_id, ranges)
                 if self.walker.isolate:
                     self._inflight.append((pfns, orders))  # before sending: the ack may come at once
-                # the connection counted the frame: it must go out, or RoundEnd's count would lie
-                # (bounded: a link stuck this long is being torn down anyway)
-                # counted before sending: a StopRound handled while this task waits in the
-                # transport's post-send checkpoint must already include this frame in RoundEnd
-                self._walk_batches += 1
+                # the connection counted the frame (RoundEnd reports that count, also from a
+                # StopRound handled while this send waits), so it must go out: shielded, bounded
+                # (a link stuck this long is being torn down anyway)
                 with trio.move_on_after(SEND_SHIELD_S) as shield:
                     shield.shield = True
                     await self._send(frame)
                 if shield.cancelled_caught:
                     await trio.lowlevel.checkpoint()  # torn down meanwhile: Cancelled lands here
                     return
-                self.stats.frames += 1
-                self.stats.ranges += len(pfns)
-                self.stats.pages += int(ranges[:, 1].sum())
                 await trio.sleep(0)
         if not scope.cancelled_caught and self._walk_id == cmd_id:
             await self._end_round()

@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from hintpipe.protocol.messages import MAX_RANGE_ORDER
-from hintpipe.units import run_pages
+from hintpipe.units import order_pages, pages_order, run_pages
 
 
 class HostPageState:
@@ -79,60 +79,68 @@ class HostPageState:
         """Mark hinted free ranges in the skip bitmap; return the pages newly marked.
 
         ``ranges`` is an ``(n, 2)`` array of ``[start_pfn, npages]`` already validated by the
-        protocol layer: each range a naturally aligned power of two inside the guest. The work is
-        grouped by block size (no Python loop per range): a block of ``s <= 8`` pages is one
-        ``s``-byte word of the bitmap, a larger one a row of ``s / 8`` u64 words, so each group is
-        a gather, a few word operations and a scatter on a reshaped view.
+        protocol layer: each range a naturally aligned power of two inside the guest. Hints events
+        carry their block orders already; they go to :meth:`apply_blocks` directly.
         """
         ranges = np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
-        n = len(ranges)
-        if n == 0:
+        return self.apply_blocks(ranges[:, 0], pages_order(ranges[:, 1]))
+
+    def apply_blocks(self, starts: np.ndarray, orders: np.ndarray) -> int:
+        """Mark the free blocks ``(starts[i], orders[i])`` in the skip bitmap; return the pages
+        newly marked (``starts``: uint64 pfns, ``orders``: uint8; validated as for
+        :meth:`apply_hints`).
+
+        The work is grouped by block size (no Python loop per block): a block of ``s <= 8`` pages
+        is one ``s``-byte word of the bitmap, a larger one a row of ``s / 8`` u64 words, so each
+        group is a gather, a few word operations and a scatter on a reshaped view.
+        """
+        orders = np.asarray(orders, dtype=np.uint8)
+        if len(orders) == 0:
             return 0
         # validated values are < 2**40, so the int64 view is exact (and indexes without a cast)
-        starts = ranges[:, 0].view(np.int64)
-        sizes = ranges[:, 1].view(np.int64)
-        total = int(sizes.sum())
+        starts = np.asarray(starts, dtype=np.uint64).view(np.int64)
         with self.lock:
-            marked, refused = self._apply_locked(starts, sizes, total)
+            marked, refused = self._apply_locked(starts, orders)
         self.pages_marked += marked
         self.pages_refused_written += refused
         return marked
 
-    def _apply_locked(self, starts: np.ndarray, sizes: np.ndarray, total: int) -> tuple[int, int]:
-        n = len(sizes)
-        cut = np.flatnonzero(sizes[1:] != sizes[:-1]) + 1
+    def _apply_locked(self, starts: np.ndarray, orders: np.ndarray) -> tuple[int, int]:
+        n = len(orders)
+        cut = np.flatnonzero(orders[1:] != orders[:-1]) + 1
         runs = len(cut) + 1
         # The walker sends blocks top order first, ascending pfn: a batch is a few runs of one
         # size, processed as slices. A batch in any other order is either expanded to pages (small
         # batches: fewer numpy calls than one group per size) or grouped by a stable sort.
         if runs <= 4 or (runs <= _NR_SIZES and n >= 64 * runs):
             edges = [0, *cut.tolist(), n]
-            groups = [(int(sizes[a]), starts[a:b]) for a, b in zip(edges[:-1], edges[1:])]
-        elif total <= _EXPAND_MAX_PAGES:
-            return self._apply_pages(starts, sizes, total)
+            groups = [(int(orders[a]), starts[a:b]) for a, b in zip(edges[:-1], edges[1:])]
         else:
-            orders = np.bitwise_count(sizes - 1)  # popcount(s - 1) = log2(s) for powers of two
+            sizes = order_pages(orders)
+            total = int(sizes.sum())
+            if total <= _EXPAND_MAX_PAGES:
+                return self._apply_pages(starts, sizes, total)
             counts = np.bincount(orders, minlength=_NR_SIZES)
             perm = np.argsort(orders, kind="stable")
             groups, pos = [], 0
             for k in np.flatnonzero(counts).tolist():
                 c = int(counts[k])
-                groups.append((1 << k, starts[perm[pos:pos + c]]))
+                groups.append((k, starts[perm[pos:pos + c]]))
                 pos += c
         marked = refused = 0
-        for size, sel in groups:
+        for order, sel in groups:
             # chunks keep every temporary small: large fresh numpy temporaries are mmapped and
             # first-touched on every call, which costs more than the marking itself
-            step = _CHUNK_ROWS if size <= 8 else max(1, _CHUNK_BYTES // size)
+            step = _CHUNK_ROWS if order <= 3 else max(1, _CHUNK_BYTES >> order)
             for i in range(0, len(sel), step):
-                m, r = self._mark_rows(size, sel[i:i + step])
+                m, r = self._mark_rows(order, sel[i:i + step])
                 marked += m
                 refused += r
         return marked, refused
 
-    def _mark_rows(self, size: int, sel: np.ndarray) -> tuple[int, int]:
-        """Mark blocks of ``size`` pages starting at ``sel``; return (marked, refused) pages."""
-        k = size.bit_length() - 1
+    def _mark_rows(self, k: int, sel: np.ndarray) -> tuple[int, int]:
+        """Mark blocks of order ``k`` starting at ``sel``; return (marked, refused) pages."""
+        size = 1 << k
         rows = sel >> k
         limit = (self.page_count >> k) << k  # aligned ranges always lie inside this prefix
         skip_b = self.skip.view(np.uint8)[:limit]

@@ -118,7 +118,7 @@ class HostSession:
 
     async def _handle(self, ev) -> None:
         if isinstance(ev, Hints):
-            self.state.apply_hints(ev.ranges)
+            self.state.apply_blocks(ev.ranges[:, 0], ev.orders)
             await self._ack()
         elif isinstance(ev, StaleHints):
             await self._ack()

@@ -150,7 +150,7 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
                 notif = getattr(endpoint, "notify_stats", None)
                 stream = getattr(endpoint, "stats", None)
                 return {"config": guest_config_dict(cfg), "lock": zone.summary(),
-                        "workload": asdict(workload.stats), "producer": asdict(producer.stats),
+                        "workload": asdict(workload.stats), "producer": producer.figures(),
                         "fault_events": tracker.fault_events,
                         "notifications": notif() if notif else {},
                         "stream": stream.as_dict() if hasattr(stream, "as_dict") else {}}

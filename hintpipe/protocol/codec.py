@@ -78,20 +78,30 @@ def _bad(message: str) -> ProtocolError:
 
 def encode_ranges(ranges: Any) -> bytes:
     """(n, 2) array-like of [start_pfn, npages] -> interleaved little-endian u64 bytes."""
+    return _u64_bytes(as_u64_ranges(ranges))
+
+
+def as_u64_ranges(ranges: Any) -> np.ndarray:
+    """An (n, 2) array-like of [start_pfn, npages] as a uint64 array (the local side's input:
+    LocalProtocolError for a wrong shape, non-integers or negative values)."""
     arr = np.asarray(ranges)
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise LocalProtocolError(ErrorCode.BAD_FIELD, f"ranges must have shape (n, 2), got {arr.shape}")
-    return _u64_bytes(arr)
+    return _as_u64(arr)
 
 
-def _u64_bytes(arr: np.ndarray) -> bytes:
-    if arr.dtype != _LE_U64:
+def _as_u64(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype != np.uint64:
         if arr.size and arr.dtype.kind not in "ui":
             raise LocalProtocolError(ErrorCode.BAD_FIELD, f"expected integers, got dtype {arr.dtype}")
         if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
             raise LocalProtocolError(ErrorCode.BAD_FIELD, "negative value in a u64 array")
-        arr = arr.astype(_LE_U64)
-    return arr.tobytes()  # C order, which interleaves start0, npages0, start1, ...
+        arr = arr.astype(np.uint64)
+    return arr
+
+
+def _u64_bytes(arr: np.ndarray) -> bytes:
+    return _as_u64(arr).astype(_LE_U64, copy=False).tobytes()  # C order: start0, npages0, start1, ...
 
 
 def decode_ranges(data: bytes) -> np.ndarray:
@@ -111,17 +121,23 @@ def decode_pfns(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=_LE_U64).astype(np.uint64, copy=False)
 
 
-def validate_ranges(ranges: np.ndarray, page_count: int) -> None:
-    """Check one batch of [start_pfn, npages] ranges against a guest of ``page_count`` pages.
+def validate_ranges(ranges: np.ndarray, page_count: int,
+                    max_ranges: int = MAX_RANGES_PER_BATCH) -> np.ndarray:
+    """Check one batch of [start_pfn, npages] ranges against a guest of ``page_count`` pages
+    that accepts ``max_ranges`` per frame; return each range's block order (uint8,
+    ``log2(npages)``), which the checks compute anyway.
 
     Vectorised (no Python loop per range). Raises ProtocolError, checks in this order:
-    RANGE_UNALIGNED (npages zero, not a power of two, above 2**MAX_RANGE_ORDER, or
-    start % npages != 0), RANGE_OUT_OF_BOUNDS (start + npages > page_count), RANGE_OVERLAP.
+    BATCH_TOO_LARGE (more than ``max_ranges``), RANGE_UNALIGNED (npages zero, not a power of two,
+    above 2**MAX_RANGE_ORDER, or start % npages != 0), RANGE_OUT_OF_BOUNDS (start + npages >
+    page_count), RANGE_OVERLAP.
     """
     if ranges.ndim != 2 or ranges.shape[1] != 2 or ranges.dtype != np.uint64:
         raise _bad("ranges must be a uint64 array of shape (n, 2)")
+    if len(ranges) > max_ranges:
+        raise ProtocolError(ErrorCode.BATCH_TOO_LARGE, f"{len(ranges)} ranges > max_ranges {max_ranges}")
     if len(ranges) == 0:
-        return
+        return np.empty(0, dtype=np.uint8)
     starts = ranges[:, 0]
     npages = ranges[:, 1]
     # Few numpy calls on the fast path: per-call overhead dominates for 32-range batches.
@@ -137,6 +153,7 @@ def validate_ranges(ranges: np.ndarray, page_count: int) -> None:
             f"range {i} [{int(starts[i])}, {int(npages[i])}]: npages must be a power of two "
             f"<= 2**{MAX_RANGE_ORDER} and start a multiple of npages",
         )
+    orders = np.bitwise_count(m)  # popcount(npages - 1) = log2(npages) for a power of two
     ends = starts + npages
     # test the starts first: once all starts < page_count <= 2**40, ends cannot have wrapped
     if int(starts.max()) >= page_count or int(ends.max()) > page_count:
@@ -157,6 +174,7 @@ def validate_ranges(ranges: np.ndarray, page_count: int) -> None:
                 ErrorCode.RANGE_OVERLAP,
                 f"ranges starting at pfn {int(s[i])} and {int(s[i + 1])} overlap",
             )
+    return orders
 
 
 def validate_pfns(pfns: np.ndarray, page_count: int) -> None:

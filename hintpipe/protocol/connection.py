@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .codec import FrameDecoder, encode, encode_ranges, frame, pack_payload, validate_pfns, validate_ranges
+from .codec import (
+    FrameDecoder, as_u64_ranges, encode, encode_ranges, frame, pack_payload, validate_pfns, validate_ranges,
+)
 from .errors import ErrorCode, LocalProtocolError, ProtocolError
 from .states import SENT_BY, ConnState, Direction, Role, transition
 from .messages import (
@@ -281,17 +283,15 @@ class HostConnection(_Connection):
         seen = self._open.get(msg.cmd_id)
         if seen is None:
             raise ProtocolError(ErrorCode.UNKNOWN_COMMAND_ID, f"Hints under cmd_id {msg.cmd_id:#x}, which is not an open round")
+        orders = validate_ranges(msg.ranges, self._page_count, self._max_ranges)
         n = len(msg.ranges)
-        if n > self._max_ranges:
-            raise ProtocolError(ErrorCode.BATCH_TOO_LARGE, f"{n} ranges > max_ranges {self._max_ranges}")
-        validate_ranges(msg.ranges, self._page_count)
         self._unacked += 1
         self._open[msg.cmd_id] = seen + 1
         if msg.cmd_id == self._current:
             self.hints_frames += 1
             self.hints_ranges += n
             self.hints_pages += int(msg.ranges[:, 1].sum())
-            return msg
+            return Hints(msg.cmd_id, msg.ranges, orders)
         # Issued, stopped, RoundEnd not yet received: the hint may predate a write the host no
         # longer tracks for that round, so applying it is unsafe (invariant 2). Drop, but keep
         # the credit accounting intact.
@@ -417,6 +417,12 @@ class GuestConnection(_Connection):
         self._open: dict[int, int] = {}  # started, RoundEnd not sent -> Hints frames sent
         self._in_flight = 0
         self._faults: set[int] = set()
+        self.hints_frames = 0
+        """Hints frames sent."""
+        self.hints_ranges = 0
+        """Ranges in those frames."""
+        self.hints_pages = 0
+        """Pages those ranges cover."""
 
     # -- send ------------------------------------------------------------------------------
 
@@ -431,28 +437,28 @@ class GuestConnection(_Connection):
     def hints(self, cmd_id: int, ranges: np.ndarray, *, validate: bool = True) -> bytes:
         """One Hints frame for the active round; consumes one credit.
 
-        ``validate`` re-checks the ranges locally (vectorised; cheap) so a buggy producer
-        fails here instead of getting the connection killed by the host.
+        ``validate`` checks the ranges as the host will (vectorised; cheap) before encoding them,
+        so a buggy producer fails here instead of getting the connection killed by the host.
         """
         self._check_can_send(MessageType.HINTS)
         if cmd_id != self._active:
             raise _local(ErrorCode.UNKNOWN_COMMAND_ID, f"cmd_id {cmd_id!r} is not the active round ({self._active!r})")
         if self._in_flight >= self._window:
             raise _local(ErrorCode.CREDIT_EXCEEDED, f"no credit: {self._in_flight} frames un-acked, window {self._window}")
-        arr = np.asarray(ranges)
-        if arr.ndim != 2 or arr.shape[1] != 2:
-            raise _local(ErrorCode.BAD_FIELD, f"ranges must have shape (n, 2), got {arr.shape}")
+        arr = as_u64_ranges(ranges)
         if not 1 <= len(arr) <= self._max_ranges:
             raise _local(ErrorCode.BATCH_TOO_LARGE, f"{len(arr)} ranges outside [1, max_ranges {self._max_ranges}]")
-        blob = encode_ranges(arr)
         if validate:
             try:
-                validate_ranges(np.frombuffer(blob, dtype="<u8").astype(np.uint64, copy=False).reshape(-1, 2), self._page_count)
+                validate_ranges(arr, self._page_count, self._max_ranges)
             except ProtocolError as exc:
                 raise _local(exc.code, exc.message) from None
-        data = frame(pack_payload([int(MessageType.HINTS), cmd_id, blob]))
+        data = frame(pack_payload([int(MessageType.HINTS), cmd_id, encode_ranges(arr)]))
         self._in_flight += 1
         self._open[cmd_id] += 1
+        self.hints_frames += 1
+        self.hints_ranges += len(arr)
+        self.hints_pages += int(arr[:, 1].sum())
         return data
 
     def round_end(self, cmd_id: int, batches: int | None = None) -> bytes:

@@ -124,15 +124,27 @@ class StopRound:
 class Hints:
     """Guest -> host: free ranges ``[start_pfn, npages]`` found under round ``cmd_id``.
 
-    ``ranges`` is a read-only ``uint64`` array of shape (n, 2).
+    ``ranges`` is a read-only ``uint64`` array of shape (n, 2). ``orders`` is not on the wire:
+    :class:`~hintpipe.protocol.HostConnection` sets it on the Hints events it delivers, to the
+    block order of each range (``log2(npages)``, read-only ``uint8``) its validation computed;
+    None on a message that was not validated.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.HINTS
     cmd_id: int
     ranges: np.ndarray = field(repr=False)
+    orders: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranges", _readonly_u64(self.ranges, pairs=True))
+        if self.orders is not None:
+            orders = np.asarray(self.orders, dtype=np.uint8)
+            if orders.shape != (len(self.ranges),):
+                raise ValueError(f"{len(self.ranges)} ranges but {orders.shape} orders")
+            if orders.flags.writeable:
+                orders = orders.copy() if orders.base is not None or orders is self.orders else orders
+                orders.flags.writeable = False
+            object.__setattr__(self, "orders", orders)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not Hints:
