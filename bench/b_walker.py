@@ -6,9 +6,9 @@ Guest: ``pages`` pages allocated in 2 MiB pageblocks, then a seeded random half 
 512) the walker walks whole rounds (repeated until enough batches are timed); its own per-batch
 timer is the time ``zone->lock`` would be held. Each size is measured ``repeat`` times (after a
 warm-up round); the table gives the median of the p99s with their min and max. The baseline is
-the seed patch's shape: one block per lock hold (batch 1).
+one block per lock hold (batch 1).
 
-Allocation stall: a churning guest (sim.py's churn workload) migrated with hinting at batch 32;
+Allocation stall: a churning guest (the demo's churn workload) migrated with hinting at batch 32;
 the ZoneLock summary gives how long allocator sections waited for the walker's lock.
 """
 

@@ -1,3 +1,5 @@
+"""``python -m hintpipe``: the command line."""
+
 from hintpipe.cli import main
 
 raise SystemExit(main())

@@ -103,15 +103,18 @@ class SlotPool(BufferPool):
         self.slot_size = slot_size
 
     def addr_of(self, desc_id: int) -> int:
+        """The byte offset of slot ``desc_id`` in the shared buffer."""
         return desc_id * self.slot_size
 
     def put(self, desc_id: int, data: bytes) -> None:
+        """Copy ``data`` into slot ``desc_id`` (at most one slot)."""
         if len(data) > self.slot_size:
             raise ValueError(f"frame of {len(data)} bytes exceeds slot size {self.slot_size}")
         start = self._offset + self.addr_of(desc_id)
         self._buf[start : start + len(data)] = data
 
     def get(self, addr: int, length: int) -> bytes:
+        """Read ``length`` bytes of the slot at ``addr`` (VirtqueueError unless a whole slot's start)."""
         if addr % self.slot_size or addr // self.slot_size >= self._nslots or length > self.slot_size:
             raise VirtqueueError(f"descriptor (addr={addr}, len={length}) is outside the slots")
         start = self._offset + addr

@@ -1,9 +1,9 @@
-"""Lock-bounded free-list walker: the seed patch's ``walk_free_mem_block``, reviewed.
+"""Lock-bounded free-list walker: the guest side of free page hinting, one batch per zone-lock hold.
 
 The producer calls :meth:`FreeListWalker.next_batch` with the zone lock held;
 each call returns at most ``batch`` free blocks and gives up early once
 ``time_budget_us`` has passed, so the lock hold per batch is bounded by a
-block count and a time budget (invariant 4). Between batches the lock is
+block count and a time budget. Between batches the lock is
 dropped and the guest allocates and frees freely, so:
 
 * every candidate is re-validated at the moment it is returned (it must be a

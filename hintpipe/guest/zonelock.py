@@ -56,7 +56,8 @@ class Samples:
 
 
 class ZoneLock:
-    """A trio lock standing for ``zone->lock`` with the two measurements the brief asks for."""
+    """A trio lock standing for ``zone->lock``, measuring the walker's holds and the waits of the
+    allocations it delays."""
 
     def __init__(self, *, charge_holds: bool = True, fixed_hold_s: float | None = None) -> None:
         self._lock = trio.Lock()

@@ -1,0 +1,2 @@
+"""The host side: the page state (skip bitmap), the session serving one guest, the migration
+engine with its loss oracle and the one driver of every migration."""

@@ -120,7 +120,7 @@ class MigrationEngine:
     free-page mask (for the oracle and skip efficiency); ``pause_guest`` stops its vCPUs;
     ``session`` drives hinting.
 
-    Write-protect hooks (``hintpipe.host.wp_backends`` provides them): ``start_round(index)``
+    Write-protect hooks (the backends of :mod:`hintpipe.wp` provide them): ``start_round(index)``
     starts round ``index`` (0 = first; default ``state.begin_first_round``/``begin_round``), so a
     real backend can re-protect atomically with the swap; ``before_chunk(start, stop)`` collects
     writes to pages ``[start, stop)`` (an asynchronous backend scans them) before that chunk of a

@@ -10,7 +10,7 @@ Three numpy bool arrays of one byte per page:
 - ``dirty``: the send set of the current round (pages written during the previous round).
 
 A write fault clears ``skip``, sets ``written`` and so puts the page into the next round's send
-set. Only hints under the active command id reach :meth:`apply_hints` (the connection drops stale
+set. Only hints under the active command id reach :meth:`apply_blocks` (the connection drops stale
 ones), which is what makes a persistent skip safe: a hint is applied in the same round its walk
 happened in, and that round's write tracking catches every later write.
 

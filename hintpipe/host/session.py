@@ -2,7 +2,10 @@
 
 The session owns the :class:`HostConnection` state machine and the guest's
 :class:`HostPageState`. Its ``serve`` task reads frames, applies hints under the active command
-id to the skip bitmap, acks every hint frame (stale ones too: credits), and records round ends.
+id to the skip bitmap, acks every hint frame (stale ones too: credits), records round ends and
+answers write faults. The counts of what the guest sent are the connection's
+(``conn.hints_frames``, ``conn.stale_frames``, ...); what hints did to the bitmap, the page
+state's.
 Anything the guest gets wrong ends in a protocol error sent to the guest, a clean close, and
 ``self.failure`` set: never an exception escaping into the host's other guests.
 """

@@ -293,7 +293,7 @@ class HostConnection(_Connection):
             self.hints_pages += int(msg.ranges[:, 1].sum())
             return Hints(msg.cmd_id, msg.ranges, orders)
         # Issued, stopped, RoundEnd not yet received: the hint may predate a write the host no
-        # longer tracks for that round, so applying it is unsafe (invariant 2). Drop, but keep
+        # longer tracks for that round, so applying it is unsafe (wire-v1 section 6.3). Drop, but keep
         # the credit accounting intact.
         self.stale_frames += 1
         self.stale_ranges += n

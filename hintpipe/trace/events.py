@@ -58,10 +58,12 @@ class EventBatch:
 
     @classmethod
     def empty(cls) -> "EventBatch":
+        """A batch of no events."""
         return cls(**{k: np.empty(0, dt) for k, dt in COLUMNS.items()})
 
     @classmethod
     def concat(cls, batches: list["EventBatch"]) -> "EventBatch":
+        """The events of ``batches`` in order, as one batch."""
         if not batches:
             return cls.empty()
         return cls(**{k: np.concatenate([getattr(b, k) for b in batches]) for k in COLUMNS})
@@ -71,4 +73,5 @@ class EventBatch:
         return EventBatch(**{k: getattr(self, k)[sel] for k in COLUMNS})
 
     def columns(self) -> dict[str, np.ndarray]:
+        """Column name -> array, in the trace format's column order."""
         return {k: getattr(self, k) for k in COLUMNS}

@@ -230,6 +230,7 @@ class ReplayModel:
     # -- queries ------------------------------------------------------------------------------
     @property
     def nr_free_pages(self) -> int:
+        """Pages buddy-free now."""
         return int(np.count_nonzero(self.free_mask))
 
     def free_blocks(self, min_order: int = 0) -> tuple[np.ndarray, np.ndarray]:

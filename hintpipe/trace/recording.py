@@ -40,6 +40,7 @@ class Trace:
 
     @property
     def page_count(self) -> int:
+        """Pages the trace spans (the snapshot's PFN range)."""
         return len(self.initial_free)
 
     def batches(self) -> Iterator[EventBatch]:

@@ -111,6 +111,7 @@ def parse_buddyinfo(text: str, path: str = "buddyinfo") -> dict:
 
 
 def read_buddyinfo(path: str | Path) -> dict:
+    """:func:`parse_buddyinfo` of the file at ``path``."""
     return parse_buddyinfo(Path(path).read_text(), str(path))
 
 
