@@ -35,14 +35,13 @@ import time
 import numpy as np
 
 import hintpipe.wp as backends
-from hintpipe.linux import userfaultfd as u
-from hintpipe.linux.memfd import GuestRam
 from hintpipe.host.pagestate import HostPageState
+from hintpipe.linux import userfaultfd as u
+from hintpipe.linux.fdpass import recv_fds
+from hintpipe.linux.memfd import GuestRam, write_pages_nogil
+from hintpipe.wp.sim import SimWriteProtect
 from hintpipe.wp.uffd_async import AsyncUffdBackend
 from hintpipe.wp.uffd_sync import SyncUffdBackend
-from hintpipe.linux.fdpass import recv_fds
-from hintpipe.wp.sim import SimWriteProtect
-from hintpipe.linux.memfd import write_pages_nogil
 
 PAGE = 4096
 
@@ -134,8 +133,8 @@ def bench_sync_inproc(n: int, k: int) -> dict:
 _CHILD = r'''
 import ctypes, os, socket, struct, sys, threading, time
 from hintpipe.linux import userfaultfd as u
-from hintpipe.linux.memfd import GuestRam
 from hintpipe.linux.fdpass import send_fds
+from hintpipe.linux.memfd import GuestRam
 sock = socket.socket(fileno=int(sys.argv[1])); n, k, nth = map(int, sys.argv[2:5])
 ram = GuestRam(n); ram.touch()
 uffd = u.register_wp(ram.addr, ram.size, "uffd")

@@ -5,9 +5,9 @@ Run: python examples/migrate_small_guest.py
 Shows the configuration objects behind ``hintpipe demo`` and the report it returns.
 """
 
+from hintpipe.config import RunConfig
 from hintpipe.guest.workload import WorkloadConfig
 from hintpipe.host.migration import MigrationConfig
-from hintpipe.config import RunConfig
 from hintpipe.inprocess import run_demo
 
 cfg = RunConfig(

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hintpipe.cli import main
+from hintpipe.config import RunConfig
 from hintpipe.guest.workload import WorkloadConfig
 from hintpipe.host.migration import MigrationConfig
-from hintpipe.config import RunConfig
 from hintpipe.inprocess import migrate_guest, run_demo
 
 SMALL = 1 << 15

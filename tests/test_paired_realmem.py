@@ -24,10 +24,9 @@ import hintpipe.wp as backends
 from hintpipe import cli
 from hintpipe.cli.options import paired_config
 from hintpipe.linux import userfaultfd as u
-from hintpipe.paired.handoff import RamHandoff
 from hintpipe.paired.handoff import (
-    HANDOFF_MAGIC, GuestRealRam, RealMemoryError, TCP_REFUSAL, check_backend, receive_handoff,
-    send_handoff,
+    HANDOFF_MAGIC, TCP_REFUSAL, GuestRealRam, RamHandoff, RealMemoryError, check_backend,
+    receive_handoff, send_handoff,
 )
 
 SIZE = "64M"

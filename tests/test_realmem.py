@@ -14,14 +14,14 @@ import pytest
 
 import hintpipe.wp as backends
 from hintpipe.cli import main
+from hintpipe.config import RunConfig
 from hintpipe.guest.memory import RealGuestMemory
 from hintpipe.guest.workload import WorkloadConfig
 from hintpipe.host.migration import MigrationConfig, MigrationEngine
 from hintpipe.host.pagestate import HostPageState
+from hintpipe.inprocess import RealMachine, migrate_guest, run_demo
 from hintpipe.linux import userfaultfd as u
 from hintpipe.linux.memfd import verify_words, write_pages_nogil
-from hintpipe.config import RunConfig
-from hintpipe.inprocess import RealMachine, migrate_guest, run_demo
 from hintpipe.wp import make_backend, resolve_backend
 
 SMALL = 1 << 13      # 32 MiB guest for whole migrations

@@ -20,13 +20,13 @@ import pytest
 
 import hintpipe
 import hintpipe.wp as backends
-from hintpipe.linux import userfaultfd as u
-from hintpipe.linux.memfd import GuestRam, verify_words
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.paired.handoff import RamHandoff
-from hintpipe.wp import make_backend
+from hintpipe.linux import userfaultfd as u
 from hintpipe.linux.fdpass import recv_fds
+from hintpipe.linux.memfd import GuestRam, verify_words
+from hintpipe.paired.handoff import RamHandoff
 from hintpipe.protocol.errors import ProtocolError
+from hintpipe.wp import make_backend
 
 N = 256
 TIMEOUT_S = 20
@@ -35,10 +35,10 @@ CHILD = r"""
 import os, socket, struct, sys
 import numpy as np
 from hintpipe.linux import userfaultfd as u
-from hintpipe.linux.memfd import GuestRam
-from hintpipe.paired.handoff import RamHandoff
 from hintpipe.linux.fdpass import send_fds
+from hintpipe.linux.memfd import GuestRam
 from hintpipe.linux.memfd import write_pages_nogil
+from hintpipe.paired.handoff import RamHandoff
 
 sock = socket.socket(fileno=int(sys.argv[1]))
 backend, n = sys.argv[2], int(sys.argv[3])

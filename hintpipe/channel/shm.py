@@ -34,9 +34,9 @@ from typing import AsyncIterator
 import trio
 
 from hintpipe.channel.virtqueue import QueueFull, RingLayout, SlotPool, SplitVirtqueue, VirtqueueError
-from hintpipe.protocol import ErrorCode, ProtocolError
 from hintpipe.linux.fdpass import anon_inode_name, received_fds, scm_rights
 from hintpipe.linux.memfd import sealed_memfd
+from hintpipe.protocol import ErrorCode, ProtocolError
 from hintpipe.units import align_up
 
 SETUP_MAGIC = b"HPSHM001"

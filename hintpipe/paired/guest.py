@@ -17,9 +17,9 @@ import trio
 
 from hintpipe.channel.address import Address
 from hintpipe.channel.endpoint import Endpoint
-from hintpipe.config import RunConfig
 from hintpipe.channel.records import RecordEndpoint
 from hintpipe.channel.stream import auth_client, connect, open_stream_endpoint
+from hintpipe.config import RunConfig
 from hintpipe.guest.buddy import BuddyAllocator
 from hintpipe.guest.memory import GuestMemory, RealGuestMemory
 from hintpipe.guest.producer import MigrationFailed, Producer
@@ -27,8 +27,8 @@ from hintpipe.guest.walker import FreeListWalker
 from hintpipe.guest.workload import Workload
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.paired.barrier import guest_control_loop
-from hintpipe.paired.mirror import MirroredRegion
 from hintpipe.paired.handoff import TCP_REFUSAL, GuestRealRam, send_handoff
+from hintpipe.paired.mirror import MirroredRegion
 from hintpipe.paired.region import SharedRegion
 from hintpipe.wp.base import UNTRACKED, GatedTracker
 from hintpipe.wp.shared import SharedWriteProtect

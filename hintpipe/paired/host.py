@@ -23,9 +23,9 @@ import trio
 
 from hintpipe.channel.address import Address
 from hintpipe.channel.endpoint import Endpoint
-from hintpipe.config import RACE_MODES, RunConfig
 from hintpipe.channel.records import V1, RecordEndpoint, record
 from hintpipe.channel.stream import AuthError, auth_server, open_listener, open_stream_endpoint, sendall
+from hintpipe.config import RACE_MODES, RunConfig
 from hintpipe.guest.workload import WorkloadStats
 from hintpipe.host.migration import MigrationEngine, drive_migration
 from hintpipe.host.pagestate import HostPageState
