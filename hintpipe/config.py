@@ -15,15 +15,10 @@ from hintpipe.guest.workload import WorkloadConfig
 from hintpipe.host.migration import MigrationConfig
 from hintpipe.protocol import MAX_RANGES_PER_BATCH
 from hintpipe.units import MAX_ORDER
-from hintpipe.wp import REAL_BACKENDS, WP_CHOICES
+from hintpipe.choices import MEMORY_KINDS, RACE_MODES, WP_CHOICES
+from hintpipe.wp import REAL_BACKENDS
 
 __all__ = ["RACE_MODES", "MEMORY_KINDS", "RunConfig", "ReplayUsageError"]
-
-RACE_MODES = ("detect", "isolate")
-"""``detect``: hinted blocks stay allocatable, write-protect catches their reuse; ``isolate``:
-they leave the free lists until the host acks them (as Linux free page reporting does)."""
-MEMORY_KINDS = ("sim", "real")
-"""``sim``: a version per page; ``real``: page bytes in a memfd, compared byte for byte."""
 
 
 class ReplayUsageError(ValueError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 import trio
@@ -30,15 +30,17 @@ from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationEngine, MigrationResult, drive_migration
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
+from hintpipe.host.timeline import Timeline
 from hintpipe.linux.memfd import WORDS_PER_PAGE, GuestRam
 from hintpipe.linux.userfaultfd import Userfaultfd, register_wp
+from hintpipe.progress import NO_PROGRESS, MigrationObserver, Progress, RoundProgress
 from hintpipe.protocol import Hello
-from hintpipe.report import HintFigures, RunResult, run_report
+from hintpipe.report import HintFigures, RunOutcome, RunResult, run_report
 from hintpipe.wp import make_backend, resolve_backend
 from hintpipe.wp.base import WpBackend
 
 __all__ = ["InProcessLink", "InProcessRun", "RealMachine", "migrate_in_process", "migrate_guest",
-           "run_demo"]
+           "run_demo", "demo_outcome"]
 
 
 class InProcessLink:
@@ -108,6 +110,7 @@ class InProcessRun:
     wall_s: float
     kicks: dict
     wp: dict = field(default_factory=dict)
+    timeline: Timeline | None = None
 
     def figures(self) -> RunResult:
         """The run's figures for its report."""
@@ -115,21 +118,24 @@ class InProcessRun:
             migration=self.result,
             hints=HintFigures.of(self.session.conn if self.session else None, self.state),
             faults=self.state.faults, wp=self.wp, lock=self.zone.summary(),
-            notifications=self.kicks, workload=asdict(self.workload.stats), wall_s=self.wall_s)
+            notifications=self.kicks, workload=asdict(self.workload.stats), wall_s=self.wall_s,
+            timeline=self.timeline, lock_samples_us=self.zone.samples_us())
 
 
-async def migrate_guest(cfg: RunConfig, *, hinting: bool = True,
-                        machine: RealMachine | None = None) -> InProcessRun:
+async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMachine | None = None,
+                        observers: Sequence[MigrationObserver] = ()) -> InProcessRun:
     """Boot a guest, migrate it (hinting on or off) and verify; runs under any trio clock.
 
     With ``cfg.memory == "real"`` the guest's pages live in ``machine`` (a :class:`RealMachine`,
     reused across runs by :func:`run_demo`; made here and closed at the end if not given), and
     ``cfg.wp`` must be resolved (not ``auto``) unless this function makes the machine.
+    The engine tells ``observers`` of each round and chunk, and a :class:`Timeline` among them
+    is kept in the result (``InProcessRun.timeline``).
     """
     if cfg.memory == "real" and machine is None:
         wp = resolve_backend(cfg.wp, "real")
         with RealMachine(cfg.pages, wp) as own:
-            return await migrate_guest(replace(cfg, wp=wp), hinting=hinting, machine=own)
+            return await migrate_guest(replace(cfg, wp=wp), hinting=hinting, machine=own, observers=observers)
     wp_name = resolve_backend(cfg.wp, cfg.memory) if cfg.wp == "auto" else cfg.wp
     t_wall = time.perf_counter()
     n = cfg.pages
@@ -147,7 +153,7 @@ async def migrate_guest(cfg: RunConfig, *, hinting: bool = True,
         memory = GuestMemory(n)
         read_source, dest = (lambda idx: memory.versions[idx]), None
     try:
-        return await _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall)
+        return await _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall, observers)
     finally:
         backend.close()  # sync uffd: lifts all protection, so no later write can block
 
@@ -155,7 +161,7 @@ async def migrate_guest(cfg: RunConfig, *, hinting: bool = True,
 async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory: GuestMemory,
                    state: HostPageState, backend: WpBackend,
                    read_source: Callable[[np.ndarray], np.ndarray], dest: np.ndarray | None,
-                   t_wall: float) -> InProcessRun:
+                   t_wall: float, observers: Sequence[MigrationObserver]) -> InProcessRun:
     zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
     workload = Workload(cfg.workload, alloc, memory, zone)
     await workload.boot()  # before round 0: untracked, and round 0 sends everything anyway
@@ -175,14 +181,16 @@ async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory:
         before_chunk=backend.before_chunk,
         start_round=backend.start_round,
         dest=dest,
+        observers=observers,
     )
     result = await migrate_in_process(engine, workload.run, link)
+    timeline = next((o for o in observers if isinstance(o, Timeline)), None)
     return InProcessRun(result, state, alloc, memory, zone, workload, link.producer if link else None,
                         link.session if link else None, walker, time.perf_counter() - t_wall,
-                        link.kicks() if link else {}, backend.stats())
+                        link.kicks() if link else {}, backend.stats(), timeline)
 
 
-def run_demo(cfg: RunConfig) -> dict:
+def run_demo(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> dict:
     """Run the hinted migration and (with ``cfg.baseline``) its baseline under a virtual clock;
     return the report (:func:`~hintpipe.report.run_report`).
 
@@ -190,12 +198,23 @@ def run_demo(cfg: RunConfig) -> dict:
     ``cfg.wp == "auto"`` is resolved first; the report's ``wp.backend`` is the one used.
     Raises ``UffdUnavailable`` when a real backend asked for by name cannot work here.
     """
+    return demo_outcome(cfg, progress=progress).report
+
+
+def demo_outcome(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> RunOutcome:
+    """:func:`run_demo`, keeping both runs (each with its :class:`Timeline`) for the charts;
+    ``progress`` shows each run's rounds as they go."""
     cfg = replace(cfg, wp=resolve_backend(cfg.wp, cfg.memory))
-    machine = RealMachine(cfg.pages, cfg.wp) if cfg.memory == "real" else None
+    machine = RealMachine(cfg.pages, cfg.wp, progress=progress) if cfg.memory == "real" else None
+
+    async def one(hinting: bool) -> InProcessRun:
+        label = "with hinting" if hinting else "baseline (no hinting)"
+        return await migrate_guest(cfg, hinting=hinting, machine=machine,
+                                   observers=(Timeline(), RoundProgress(progress, label)))
 
     async def main():
-        run = await migrate_guest(cfg, hinting=True, machine=machine)
-        base = await migrate_guest(cfg, hinting=False, machine=machine) if cfg.baseline else None
+        run = await one(True)
+        base = await one(False) if cfg.baseline else None
         return run, base
 
     try:
@@ -203,7 +222,8 @@ def run_demo(cfg: RunConfig) -> dict:
     finally:
         if machine is not None:
             machine.close()
-    return run_report(cfg, run.figures(), base.figures() if base else None)
+    figs, base_figs = run.figures(), base.figures() if base else None
+    return RunOutcome(run_report(cfg, figs, base_figs), figs, base_figs)
 
 
 class RealMachine:
@@ -217,17 +237,25 @@ class RealMachine:
     :attr:`uffd` holds the fd a host adapter is built from (``pid`` = this process).
     """
 
-    def __init__(self, page_count: int, backend: str) -> None:
+    def __init__(self, page_count: int, backend: str, *, progress: Progress = NO_PROGRESS) -> None:
         self.page_count = page_count
         self.backend = backend
         self.guest = GuestRam(page_count)
         self.uffd: Userfaultfd | None = None
         self.host: GuestRam | None = None
+        self.dest = None
+        task = progress.task("preparing guest RAM and destination", total=2 * page_count, unit="pages")
         try:
-            self.guest.touch()  # first touch is slow: pay it here, not inside the migration
+            step = 1 << 16  # 256 MiB per step: a live bar, and Ctrl-C is seen between steps
+            for a in range(0, page_count, step):
+                self.guest.touch(a, a + step)  # first touch is slow: pay it here, not in the migration
+                task.update(min(page_count, a + step))
             self.host = GuestRam(page_count, fd=self.guest.fd)
             self.dest = np.empty((page_count, WORDS_PER_PAGE), dtype=np.uint64)
-            self.dest.fill(0)   # touched, so the first round does not pay page faults either
+            for a in range(0, page_count, step):  # touched, so the first round pays no page faults
+                self.dest[a:a + step].fill(0)
+                task.update(page_count + min(page_count, a + step))
+            task.close()
             if backend in ("uffd", "uffd-async"):
                 self.uffd = register_wp(self.guest.addr, self.guest.size, backend)
         except BaseException:

@@ -11,6 +11,7 @@ host's :class:`~hintpipe.protocol.HostConnection`, what they did to the bitmap b
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from hintpipe.config import RunConfig
 from hintpipe.host.migration import MigrationResult
@@ -18,7 +19,12 @@ from hintpipe.host.pagestate import HostPageState
 from hintpipe.protocol import HostConnection
 from hintpipe.units import PAGE_SIZE
 
-__all__ = ["HintFigures", "RunResult", "migration_figures", "run_report", "replay_run_report",
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from hintpipe.host.timeline import Timeline
+
+__all__ = ["HintFigures", "RunResult", "RunOutcome", "migration_figures", "run_report", "replay_run_report",
            "format_summary", "format_replay"]
 
 
@@ -68,6 +74,22 @@ class RunResult:
     """What the guest's workload did."""
     wall_s: float = 0.0
     """Wall time the run took."""
+    timeline: "Timeline | None" = None
+    """The run's figures over time, when it was sampled (the charts of ``--report``)."""
+    lock_samples_us: "dict[str, np.ndarray]" = field(default_factory=dict)
+    """Recent zone lock samples in microseconds: ``hold`` (walker batches), ``alloc_wait``."""
+
+
+@dataclass
+class RunOutcome:
+    """What one command run leaves: its report (the JSON object) and the runs behind it, which
+    the charts of ``--report`` and ``--plot`` are drawn from. ``label`` names it beside others
+    (several outcomes compare settings in one report)."""
+
+    report: dict
+    run: RunResult
+    baseline: RunResult | None = None
+    label: str = ""
 
 
 def migration_figures(run: MigrationResult, baseline: MigrationResult | None) -> dict:
@@ -120,7 +142,8 @@ def replay_run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None
         "trace": trace,
         "config": {"min_order": cfg.min_order, "batch": cfg.batch, "race_mode": cfg.race_mode,
                    "bandwidth_gbit": cfg.migration.bandwidth_gbit,
-                   "write_rate": cfg.workload.write_pages_per_s},
+                   "write_rate": cfg.workload.write_pages_per_s,
+                   "memory": cfg.memory, "wp": run.wp.get("backend", cfg.wp)},
         "initial": initial,
         "final": final,
         "migration": migration_figures(run.migration, baseline.migration if baseline else None),
@@ -140,7 +163,8 @@ def format_summary(rep: dict) -> str:
     base = m.get("pages_sent_baseline")
     lines = [
         f"guest {c['gib']} GiB ({c['pages']} pages), workload {c['workload']}, "
-        f"link {c['bandwidth_gbit']} Gbit/s, race mode {c['race_mode']}, batch {c['batch']}, min order {c['min_order']}",
+        f"link {c['bandwidth_gbit']} Gbit/s, race mode {c['race_mode']}, batch {c['batch']}, min order {c['min_order']}, "
+        f"memory {c.get('memory', 'sim')}, write tracking {c.get('wp', 'sim')}",
         f"pages sent        {m['pages_sent']:>12,}" + (f"   (baseline without hinting {base:,}, saved {m.get('pages_saved_pct', 0)}%)" if base else ""),
         f"pages skipped     {m['pages_skipped']:>12,}   skip efficiency {m['skip_efficiency']}",
         f"rounds            {m['rounds']:>12}   migration time {m['time_s']:.3f} s"

@@ -107,5 +107,7 @@ def test_demo_json_has_the_documented_keys(capsys):
 
 
 def test_demo_rejects_bad_options(capsys):
-    assert main(["demo", "--size", "64M", "--min-order", "12"]) == 2
-    assert "min_order" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--size", "64M", "--min-order", "12"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "hintpipe demo: --min-order: must be in 0..10, got 12 (see hintpipe demo --help)"

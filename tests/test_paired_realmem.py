@@ -115,9 +115,11 @@ def test_tracking_off_loses_pages_and_the_byte_check_says_so(tmp_path):
 def test_host_refuses_a_guest_with_another_backend(tmp_path):
     _need("uffd")
     _need("uffd-async")
-    hrc, reports, grc, gerr, herr = _pair(tmp_path, f"unix:{tmp_path}/hp.sock", "uffd", "uffd-async",
-                                          guests=None)
-    assert reports == [] and grc != 0
+    # the refused guest counts toward --guests 1: the host reports it and exits instead of waiting
+    hrc, reports, grc, gerr, herr = _pair(tmp_path, f"unix:{tmp_path}/hp.sock", "uffd", "uffd-async")
+    [rep] = reports
+    assert rep["status"] == "failed" and "--wp uffd-async but this host" in rep["reason"]
+    assert hrc == 1 and grc != 0
     assert "--wp uffd-async but this host was started with --wp uffd" in gerr
     assert "--wp uffd-async but this host" in herr
 

@@ -215,7 +215,10 @@ async def _error_after_hello(addr: str, tmp_path, fds=(), wrap=lambda b: b, page
 async def test_unix_hello_without_memfd_is_refused(tmp_path):
     err, server = await _error_after_hello(f"unix:{tmp_path}/h.sock", tmp_path)
     assert err.code == ErrorCode.UNSUPPORTED and "memfd" in err.message
-    assert server.served == 0  # a refused connection is not a served guest
+    # a guest that said Hello and was refused counts toward --guests, as a failed guest
+    assert server.served == 1
+    [rep] = server.reports
+    assert rep["status"] == "failed" and "memfd" in rep["reason"] and rep["guest"]["name"] == "t"
     assert not os.path.exists(f"{tmp_path}/h.sock")
 
 
@@ -223,7 +226,7 @@ async def test_oversized_guest_is_refused_before_anything_is_allocated(tmp_path)
     # 2**33 pages would make the host touch >= 8 GiB of page state: refused by the size cap
     err, server = await _error_after_hello(f"unix:{tmp_path}/h.sock", tmp_path, pages=1 << 33)
     assert err.code == ErrorCode.UNSUPPORTED and "exceeds this host's limit" in err.message
-    assert server.served == 0
+    assert [r["status"] for r in server.reports] == ["failed"] and "migration" not in server.reports[0]
 
 
 async def test_unix_hello_with_a_pipe_instead_of_a_memfd_is_refused(tmp_path):

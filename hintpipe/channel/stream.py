@@ -214,14 +214,27 @@ async def open_stream_endpoint(sock: trio.socket.SocketType, **kw) -> AsyncItera
 # ---- sockets ------------------------------------------------------------------------------
 
 
-def _prepare_unix_path(path: str) -> None:
-    """Remove a stale socket file (nobody listening); refuse to clobber anything else."""
+class ListenError(Exception):
+    """An address this process cannot listen on; the message says why and what to do."""
+
+
+def _prepare_unix_path(addr: Address) -> None:
+    """Check a unix socket path can be bound: its folder exists and is writable; a stale socket
+    file (nobody listening) is removed; anything else there is refused (ListenError)."""
+    path = addr.socket_path
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ListenError(f"cannot listen on {addr}: the folder {folder} does not exist; create it or "
+                          "choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ListenError(f"cannot listen on {addr}: the folder {folder} is not writable; choose another path")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        raise ListenError(f"cannot listen on {addr}: {path} exists and is not a socket; remove it or "
+                          "choose another path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -230,27 +243,43 @@ def _prepare_unix_path(path: str) -> None:
         return
     finally:
         probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening there")
+    raise ListenError(f"cannot listen on {addr}: another process (another hintpipe host?) is listening "
+                      "there; stop it or choose another path")
 
 
 async def open_listener(addr: Address, backlog: int = 64):
-    """A listening trio socket for ``addr`` (unix and shm: mode 0600, stale file replaced)."""
+    """A listening trio socket for ``addr`` (unix and shm: mode 0600, stale file replaced).
+    Raises ListenError, one sentence naming the address, when that is impossible."""
     if addr.kind in ("unix", "shm"):
-        _prepare_unix_path(addr.socket_path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket file is created 0600: only this user may connect
-        try:
-            await sock.bind(addr.socket_path)
-        finally:
-            os.umask(old)
-        os.chmod(addr.socket_path, 0o600)
-    else:
-        infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-        family, _, _, _, sockaddr = infos[0]
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await sock.bind(sockaddr)
-    sock.listen(backlog)
+        _prepare_unix_path(addr)
+    sock = None
+    try:
+        if addr.kind in ("unix", "shm"):
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)  # the socket file is created 0600: only this user may connect
+            try:
+                await sock.bind(addr.socket_path)
+            finally:
+                os.umask(old)
+            os.chmod(addr.socket_path, 0o600)
+        else:
+            try:
+                infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                raise ListenError(f"cannot listen on {addr}: the host name does not resolve ({e.strerror})") from None
+            family, _, _, _, sockaddr = infos[0]
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        why = {errno.EADDRINUSE: "the address is in use (another hintpipe host?); choose another port or stop it",
+               errno.EACCES: "permission denied; choose another address (ports below 1024 need root)",
+               errno.EADDRNOTAVAIL: "no interface of this machine has that address"}.get(
+                   e.errno, f"{e.strerror or e}")
+        raise ListenError(f"cannot listen on {addr}: {why}") from None
     return sock
 
 

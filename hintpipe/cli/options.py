@@ -1,74 +1,221 @@
-"""What every command line shares: option groups, sizes, addresses, the run configuration, and
-:class:`UsageError` (one sentence on stderr, exit status 2)."""
+"""What every command line shares: option groups, checked values, the run configuration, errors.
+
+Options mean the same in every command that takes them. Who decides an option given to both
+paired processes: the guest decides its own size, workload, walker and link (``--size``,
+``--workload``, ``--seed``, ``--ops-per-s``, ``--writes-per-s``, ``--batch``, ``--min-order``,
+``--race-mode``, ``--queue-size``, ``--no-event-idx``, ``--memory``, ``--wp``); the host decides the
+migration (``--bandwidth``, ``--max-rounds``, ``--downtime-ms``). Either process still accepts the
+other side's options, so one list of options can be given to both, but says once that it ignores
+them.
+
+Nothing here imports numpy or trio at module level: building the parser stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import sys
 from dataclasses import replace
+from importlib import metadata
 
-from hintpipe.channel.address import Address, AddressError, parse_address
-from hintpipe.config import RACE_MODES, RunConfig
-from hintpipe.guest.workload import WorkloadConfig
-from hintpipe.host.migration import MigrationConfig
-from hintpipe.units import PAGE_SIZE
+from hintpipe import __version__
+from hintpipe.choices import MEMORY_KINDS, RACE_MODES, WORKLOADS, WP_CHOICES
 
-__all__ = ["UsageError", "parse_size", "add_guest_options", "add_migration_options",
-           "add_memory_options", "run_config_from", "paired_config", "address_from", "secret_from"]
+__all__ = ["UsageError", "CommandFailed", "version_text", "command_parser", "parse_size", "int_in",
+           "float_at_least", "add_guest_options", "add_walker_options", "add_link_options",
+           "add_migration_options", "add_output_options", "add_memory_options", "warn_other_side",
+           "run_config_from", "paired_config", "address_from", "secret_from", "show_progress",
+           "GUEST_DECIDES", "HOST_DECIDES"]
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+MIN_GUEST_BYTES = 4 << 20
 
 
 class UsageError(Exception):
     """A user-facing error: printed as one sentence, exit status 2."""
 
 
+class CommandFailed(Exception):
+    """A command that could not do its work (not a usage mistake): one sentence, exit status 1."""
+
+
+def version_text() -> str:
+    """``hintpipe --version``: hintpipe's version and those of what it runs on."""
+    def v(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    py = ".".join(map(str, sys.version_info[:3]))
+    return f"hintpipe {__version__} (Python {py}, trio {v('trio')}, numpy {v('numpy')}, {os.uname().sysname} {os.uname().release})"
+
+
+def command_parser(sub: argparse._SubParsersAction, name: str, *, help: str, description: str,
+                   example: str, usage: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand's parser: one line for ``hintpipe --help``, a description and an example for
+    its own ``--help``."""
+    p = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.\n\n{description}",
+                       epilog=f"example:\n{example}", usage=usage,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(command_parser=p)
+    return p
+
+
+# ---- checked values: a bad one is an argparse error naming the flag, before any work -----------
+
 def parse_size(text: str) -> int:
-    """``4G``, ``512M``, ``1T`` or a plain byte count -> number of 4 KiB pages."""
+    """``4G``, ``512M``, ``1T`` or a plain byte count -> number of 4 KiB pages (4 MiB at least,
+    the guest size limit at most)."""
+    from hintpipe.units import MAX_PAGE_COUNT, PAGE_SIZE
+
     m = _SIZE_RE.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4G, 512M, 1T)")
     nbytes = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if nbytes < MIN_GUEST_BYTES:
+        raise argparse.ArgumentTypeError(f"{text!r} is below the 4M minimum")
     pages = nbytes // PAGE_SIZE
-    if pages < 1024:
-        raise argparse.ArgumentTypeError(f"size {text!r} is below the 4 MiB minimum")
+    if pages > MAX_PAGE_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is above the {MAX_PAGE_COUNT * PAGE_SIZE >> 50}P maximum")
     return pages
 
 
-def add_guest_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs a guest: size, workload, walker, race mode."""
-    g = p.add_argument_group("guest")
-    g.add_argument("--size", type=parse_size, default=1 << 20, metavar="SIZE",
-                   help="guest RAM (default 4G = 2^20 pages of 4 KiB)")
-    g.add_argument("--workload", choices=("churn", "idle"), default="churn")
-    g.add_argument("--seed", type=int, default=1, help="workload random seed (default 1)")
-    g.add_argument("--ops-per-s", type=float, default=None, help="churn: alloc+free operations per second")
-    g.add_argument("--writes-per-s", type=float, default=None, help="page rewrites per second")
-    g.add_argument("--batch", type=int, default=32, help="max blocks per lock hold (default 32)")
-    g.add_argument("--min-order", type=int, default=9, help="smallest block order hinted (default 9 = 2 MiB)")
-    g.add_argument("--race-mode", choices=RACE_MODES, default="detect",
-                   help="detect: blocks stay allocatable, write-protect catches reuse (default); "
-                        "isolate: blocks leave the free lists until the host acks them")
+def int_in(lo: int, hi=None):
+    """An argparse type: an integer in ``lo..hi`` (``hi`` may be a function, called when parsing,
+    so a limit defined beside numpy code is read only when the option is given)."""
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        top = hi() if callable(hi) else hi
+        if value < lo or (top is not None and value > top):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least ' + str(lo) if top is None else f'in {lo}..{top}'}, got {value}")
+        return value
+    return check
 
 
-def add_migration_options(p: argparse.ArgumentParser) -> None:
-    """Options of the migration engine."""
-    g = p.add_argument_group("migration")
-    g.add_argument("--bandwidth", type=float, default=10.0, metavar="GBIT", help="link speed in Gbit/s (default 10)")
-    g.add_argument("--max-rounds", type=int, default=30)
-    g.add_argument("--downtime-ms", type=float, default=300.0, help="stop-and-copy when the rest fits (default 300)")
-    g.add_argument("--queue-size", type=int, default=256, help="virtqueue descriptors (default 256)")
-    g.add_argument("--no-event-idx", action="store_true", help="notify on every buffer (no EVENT_IDX suppression)")
+def float_at_least(lo: float, *, strict: bool = False):
+    """An argparse type: a number ``>= lo`` (``> lo`` with ``strict``)."""
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value != value or value < lo or (strict and value == lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo:g}, got {text}")
+        return value
+    return check
+
+
+def _max_batch() -> int:
+    from hintpipe.protocol import MAX_RANGES_PER_BATCH
+
+    return MAX_RANGES_PER_BATCH
+
+
+def _max_order() -> int:
+    from hintpipe.units import MAX_ORDER
+
+    return MAX_ORDER
+
+
+def _power_of_two(text: str) -> int:
+    value = int_in(1, 1 << 15)(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
+    return value
+
+
+# ---- option groups ---------------------------------------------------------------------------
+
+GUEST_DECIDES = ("size", "workload", "seed", "ops_per_s", "writes_per_s", "batch", "min_order",
+                 "race_mode", "queue_size", "no_event_idx")
+"""Options of the guest (given to ``hintpipe host`` they are ignored: the guest decides them)."""
+HOST_DECIDES = ("bandwidth", "max_rounds", "downtime_ms")
+"""Options of the migration (given to ``hintpipe guest`` they are ignored: the host decides them)."""
+
+
+def _adder(p: argparse.ArgumentParser, title: str, hidden: bool):
+    """``add(flag, help=..., **kw)`` for one option group. Every default is None: the
+    configuration classes hold the defaults. Hidden options (the other side's, see the module
+    doc) are stored as ``ignored_NAME`` and left out of ``--help``."""
+    g = p if hidden else p.add_argument_group(title)
+
+    def add(flag: str, *, help: str, **kw) -> None:
+        if hidden:
+            kw["dest"] = "ignored_" + flag[2:].replace("-", "_")
+            help = argparse.SUPPRESS
+        if kw.get("action") != "store_true":
+            kw.setdefault("default", None)
+        g.add_argument(flag, help=help, **kw)
+    return add
+
+
+def add_guest_options(p: argparse.ArgumentParser, *, hidden: bool = False) -> None:
+    """The simulated guest: size and workload (``hidden``: accepted but ignored, see module doc)."""
+    add = _adder(p, "guest (decided by the guest)", hidden)
+    add("--size", type=parse_size, metavar="SIZE", help="guest RAM: 4G (default), 512M, 1T ... (4 KiB pages)")
+    add("--workload", choices=WORKLOADS,
+        help="churn: allocations, frees and rewrites (default); idle: resident memory and a trickle of writes")
+    add("--seed", type=int, help="seed of the workload's random choices (default 1): same seed, same run")
+    add("--ops-per-s", type=float_at_least(0), metavar="N",
+        help="churn: allocations + frees per second of guest time (default 10000)")
+    add("--writes-per-s", type=float_at_least(0), metavar="N",
+        help="page rewrites per second of guest time (default 40000; idle 2000)")
+
+
+def add_walker_options(p: argparse.ArgumentParser, *, replay: bool = False, hidden: bool = False) -> None:
+    """The guest's free-list walker: ``--batch``, ``--min-order``, ``--race-mode``."""
+    add = _adder(p, "hinting (decided by the guest)", hidden)
+    add("--batch", type=int_in(1, _max_batch), metavar="N",
+        help="most free blocks reported per zone-lock hold (default 32)")
+    add("--min-order", type=int_in(0, _max_order), metavar="K",
+        help="smallest block hinted: 2^K pages (default 9 = 2 MiB)")
+    add("--race-mode", choices=("detect",) if replay else RACE_MODES,
+        help="detect only: the recorded kernel decided every allocation, so blocks cannot be isolated "
+             "from it" if replay else
+             "detect: hinted blocks stay allocatable, write-protect catches their reuse (default); "
+             "isolate: they leave the free lists until the host acks them")
+
+
+def add_link_options(p: argparse.ArgumentParser, *, hidden: bool = False) -> None:
+    """The virtqueue between guest and host."""
+    add = _adder(p, "link (decided by the guest)", hidden)
+    add("--queue-size", type=_power_of_two, metavar="N", help="virtqueue descriptors, a power of two (default 256)")
+    add("--no-event-idx", action="store_true", help="notify on every buffer (no EVENT_IDX suppression)")
+
+
+def add_migration_options(p: argparse.ArgumentParser, *, hidden: bool = False) -> None:
+    """The migration: link speed, rounds, downtime target."""
+    add = _adder(p, "migration (decided by the host)", hidden)
+    add("--bandwidth", type=float_at_least(0, strict=True), metavar="GBIT", help="link speed in Gbit/s (default 10)")
+    add("--max-rounds", type=int_in(1), metavar="N", help="most pre-copy rounds before stop-and-copy (default 30)")
+    add("--downtime-ms", type=float_at_least(0), metavar="MS",
+        help="stop and copy the rest once it fits in MS of link time (default 300)")
+
+
+def add_output_options(p: argparse.ArgumentParser, *, what: str = "the report", charts: bool = False) -> None:
+    """``--json``, ``--quiet`` and (with ``charts``) ``--report`` and ``--plot``."""
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help=f"print {what} as one JSON object on one line (no progress bar)")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar (there is none anyway when stderr is not a terminal)")
+    if charts:
+        g.add_argument("--report", metavar="FILE.html", default=None,
+                       help="also write one self-contained HTML page with charts and the summary "
+                            "(needs matplotlib: pip install 'hintpipe[plot]')")
+        g.add_argument("--plot", metavar="DIR", default=None,
+                       help="also write the report's charts as PNG files into DIR (needs matplotlib)")
 
 
 def add_memory_options(p: argparse.ArgumentParser, *, host: bool) -> None:
     """``--memory`` and ``--wp`` for paired processes."""
-    from hintpipe.config import MEMORY_KINDS
-    from hintpipe.wp import WP_CHOICES
-
-    g = p.add_argument_group("memory")
+    g = p.add_argument_group("memory" + ("" if host else " (decided by the guest)"))
     g.add_argument("--memory", choices=MEMORY_KINDS, default="sim",
                    help="sim: page versions only (default); real: guest RAM is a memfd of --size shared "
                         "with the host (unix: and shm: only), checked byte for byte")
@@ -81,36 +228,62 @@ def add_memory_options(p: argparse.ArgumentParser, *, host: bool) -> None:
                          "the host), off (none: loses pages)"))
 
 
-def run_config_from(args: argparse.Namespace) -> RunConfig:
-    """Build a :class:`RunConfig` from the guest and migration options (UsageError on bad ones)."""
-    wkw = {"seed": args.seed}
-    if args.ops_per_s is not None:
-        wkw["ops_per_s"] = args.ops_per_s
-    if args.writes_per_s is not None:
-        wkw["write_pages_per_s"] = args.writes_per_s
+def warn_other_side(args: argparse.Namespace, names: tuple[str, ...], *, me: str, decider: str) -> None:
+    """One line on stderr for options this process accepts but the other side decides."""
+    given = ["--" + n.replace("_", "-") for n in names if getattr(args, "ignored_" + n, None) not in (None, False)]
+    if given:
+        one = len(given) == 1
+        print(f"hintpipe {me}: {', '.join(given)} {'is' if one else 'are'} decided by the {decider}; ignored "
+              f"here (give {'it' if one else 'them'} to hintpipe {decider})", file=sys.stderr)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether a live progress bar is wanted: a terminal on stderr, and neither --json nor --quiet."""
+    return not getattr(args, "json", False) and not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+# ---- from options to configuration -----------------------------------------------------------
+
+def _given(args: argparse.Namespace, **names: str) -> dict:
+    """``{field: value}`` of the options given (``names``: field -> option dest)."""
+    return {f: getattr(args, d) for f, d in names.items() if getattr(args, d, None) is not None}
+
+
+def run_config_from(args: argparse.Namespace):
+    """Build a :class:`~hintpipe.config.RunConfig` from the guest, walker, link and migration
+    options this command has (options not given keep the configuration's defaults; UsageError
+    on a combination that cannot run)."""
+    from hintpipe.config import RunConfig
+    from hintpipe.guest.workload import WorkloadConfig
+
+    wkw = _given(args, seed="seed", ops_per_s="ops_per_s", write_pages_per_s="writes_per_s")
+    kw = _given(args, pages="size", batch="batch", min_order="min_order", race_mode="race_mode",
+                queue_size="queue_size")
+    if getattr(args, "no_event_idx", False):
+        kw["event_idx"] = False
     try:
-        wl = WorkloadConfig.idle(**wkw) if args.workload == "idle" else WorkloadConfig(**wkw)
-        mig = MigrationConfig(bandwidth_gbit=args.bandwidth, max_rounds=args.max_rounds, downtime_ms=args.downtime_ms)
-        return RunConfig(
-            pages=args.size,
-            workload=wl,
-            migration=mig,
-            batch=args.batch,
-            min_order=args.min_order,
-            race_mode=args.race_mode,
-            queue_size=args.queue_size,
-            event_idx=not args.no_event_idx,
-        )
+        wl = WorkloadConfig.idle(**wkw) if getattr(args, "workload", None) == "idle" else WorkloadConfig(**wkw)
+        return RunConfig(workload=wl, migration=migration_config_from(args), **kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
-def paired_config(args: argparse.Namespace, *, guest: bool) -> RunConfig:
+def migration_config_from(args: argparse.Namespace):
+    """The :class:`~hintpipe.host.migration.MigrationConfig` of ``--bandwidth``, ``--max-rounds``
+    and ``--downtime-ms`` (defaults for those not given)."""
+    from hintpipe.host.migration import MigrationConfig
+
+    return MigrationConfig(**_given(args, bandwidth_gbit="bandwidth", max_rounds="max_rounds",
+                                    downtime_ms="downtime_ms"))
+
+
+def paired_config(args: argparse.Namespace, *, guest: bool):
     """The guest's or host's RunConfig with ``--memory``/``--wp`` checked (UsageError otherwise).
 
     The guest resolves ``--wp`` (``auto``: the best backend its kernel offers; a backend named but
     unavailable: one sentence, exit 2). The host probes a named real backend the same way but keeps
-    ``auto``, which accepts whatever the guest chose (protocols/wire-v1.md section 11.5).
+    ``auto``, which accepts whatever the guest chose (protocols/wire-v1.md section 11.5). Options
+    the other side decides keep their defaults here.
     """
     from hintpipe.paired.handoff import TCP_REFUSAL
     from hintpipe.wp import UffdUnavailable, resolve_backend
@@ -135,8 +308,10 @@ def secret_from(args: argparse.Namespace) -> bytes | None:
     return None if text is None else text.encode()
 
 
-def address_from(text: str) -> Address:
+def address_from(text: str):
     """A ``unix:``/``tcp:``/``shm:`` address, or UsageError with the parser's sentence."""
+    from hintpipe.channel.address import AddressError, parse_address
+
     try:
         return parse_address(text)
     except AddressError as e:

@@ -4,97 +4,193 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shutil
 
-from hintpipe.cli.options import UsageError, add_migration_options
-from hintpipe.config import RACE_MODES
+from hintpipe.cli.options import (
+    UsageError, add_link_options, add_migration_options, add_output_options, add_walker_options,
+    command_parser, float_at_least, int_in, migration_config_from, show_progress,
+)
 
 __all__ = ["add_parsers", "cmd_replay", "cmd_inspect", "cmd_record", "cmd_trace_convert"]
+
+TRACE_HELP = "a recording folder (as hintpipe record writes it) or a trace-v1 file (.hpt)"
+SKIP_BAD_HELP = ("skip malformed or unknown trace lines (counted, with one warning) instead of "
+                 "stopping at the first")
+FORCE_HELP = "replace the output if it exists"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``hintpipe replay``, ``inspect``, ``record`` and ``trace convert``."""
-    r = sub.add_parser("replay", help="replay a real allocator trace through hinting and a migration")
-    r.add_argument("trace", help="recording folder (kmem.trace.zst + kpageflags.start.zst ...) or trace-v1 file")
-    r.add_argument("--json", action="store_true", help="print one JSON object")
-    r.add_argument("--min-order", type=int, default=9)
-    r.add_argument("--batch", type=int, default=32)
-    r.add_argument("--race-mode", choices=RACE_MODES, default="detect",
-                   help="detect only: a recorded kernel cannot have blocks isolated from it")
-    r.add_argument("--write-rate", type=float, default=0.0, metavar="PAGES_PER_S",
-                   help="extra writes to allocated pages per second of trace (allocations always write)")
-    r.add_argument("--seed", type=int, default=1)
-    r.add_argument("--skip-bad", action="store_true", help="skip malformed/unknown lines with a warning instead of failing")
-    r.add_argument("--no-baseline", action="store_true", help="skip the replay without hinting")
+    r = command_parser(
+        sub, "replay", help="replay a real allocator trace through hinting and a migration",
+        description="The recorded kernel is the guest: its free pages at the start come from the "
+                    "kpageflags snapshot,\nevery recorded allocation and free happens at its trace "
+                    "time on a virtual clock while the\nproducer hints and the host migrates; the "
+                    "same trace is then migrated without hinting as the\nbaseline. Exit status 0 "
+                    "when every allocated page arrived intact.",
+        example="  hintpipe replay examples/traces/numpy-churn --report replay.html\n"
+                "  hintpipe replay mytrace.hpt --bandwidth 25 --json")
+    r.add_argument("trace", metavar="TRACE", help=TRACE_HELP)
+    add_walker_options(r, replay=True)
+    w = r.add_argument_group("guest")
+    w.add_argument("--write-rate", type=float_at_least(0), default=0.0, metavar="PAGES_PER_S",
+                   help="extra writes to allocated pages per second of trace (default 0: allocations "
+                        "are the only writes)")
+    w.add_argument("--seed", type=int, default=None, help="seed of the extra writes' choice of pages (default 1)")
+    add_link_options(r)
     add_migration_options(r)
+    add_output_options(r, charts=True)
+    r.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
+    r.add_argument("--no-baseline", action="store_true", help="skip the replay without hinting")
     r.set_defaults(func=cmd_replay)
 
-    i = sub.add_parser("inspect", help="counts by event type and order, time span, free memory over time")
-    i.add_argument("trace")
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--samples", type=int, default=50)
-    i.add_argument("--skip-bad", action="store_true")
+    i = command_parser(
+        sub, "inspect", help="summarise a trace: events by type and order, free memory over time",
+        description="Counts the events of a recording or trace-v1 file by type and order, replays "
+                    "them to show free\nmemory over time and compares the end state with the "
+                    "recording's buddyinfo.end.",
+        example="  hintpipe inspect examples/traces/numpy-churn --samples 20")
+    i.add_argument("trace", metavar="TRACE", help=TRACE_HELP)
+    i.add_argument("--samples", type=int_in(2, 100_000), default=50, metavar="N",
+                   help="points of the free-memory-over-time series (default 50)")
+    i.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
+    add_output_options(i, what="the summary")
     i.set_defaults(func=cmd_inspect)
 
-    rec = sub.add_parser("record", help="record this machine's page allocator (root, tracefs)")
-    rec.add_argument("outdir")
-    rec.add_argument("--duration", type=float, default=None, metavar="S",
-                     help="stop after S seconds; with `-- COMMAND ...` record until the command ends")
+    rec = command_parser(
+        sub, "record", help="record this machine's page allocator (root, tracefs)",
+        description="Enables the kernel's five kmem page events, snapshots /proc/kpageflags and "
+                    "buddyinfo, and\nstreams the events into OUTDIR until COMMAND exits, --duration "
+                    "passes or Ctrl-C (whichever\ncomes first; Ctrl-C is the way to stop a "
+                    "recording with neither). The tracing state found at\nthe start is restored. "
+                    "OUTDIR appears only once the recording is complete.",
+        example="  sudo hintpipe record mytrace -- make -j2\n"
+                "  sudo hintpipe record idle --duration 10 && hintpipe replay idle",
+        usage="hintpipe record [-h] [--duration S] [--force] [--json] [-q] OUTDIR [-- COMMAND ...]")
+    rec.add_argument("outdir", metavar="OUTDIR", help="folder to create (must not exist unless --force)")
+    rec.add_argument("--duration", type=float_at_least(0, strict=True), default=None, metavar="S",
+                     help="stop after S seconds (with `-- COMMAND ...`: at the latest)")
+    rec.add_argument("--force", action="store_true", help=FORCE_HELP)
+    add_output_options(rec, what="the summary")
     rec.set_defaults(func=cmd_record)
 
-    t = sub.add_parser("trace", help="trace file utilities")
-    tsub = t.add_subparsers(dest="trace_command", required=True)
-    c = tsub.add_parser("convert", help="write hintpipe's trace-v1 format from a recording")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--skip-bad", action="store_true")
+    t = command_parser(sub, "trace", help="trace file utilities (trace convert)",
+                       description="Subcommands: convert.",
+                       example="  hintpipe trace convert mytrace mytrace.hpt")
+    tsub = t.add_subparsers(dest="trace_command", required=True, metavar="SUBCOMMAND")
+    c = command_parser(
+        tsub, "convert", help="write hintpipe's trace-v1 format from a recording",
+        description="Reads a recording folder (or a trace-v1 file) and writes the same events in "
+                    "hintpipe's columnar\ntrace-v1 format (protocols/trace-v1.md): it replays "
+                    "identically and parses several times\nfaster. DST appears only once it is "
+                    "complete.",
+        example="  hintpipe trace convert examples/traces/numpy-churn numpy-churn.hpt")
+    c.add_argument("src", metavar="SRC", help=TRACE_HELP)
+    c.add_argument("dst", metavar="DST", help="trace-v1 file to write (must not exist unless --force)")
+    c.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
+    c.add_argument("--force", action="store_true", help=FORCE_HELP)
+    add_output_options(c, what="the summary")
     c.set_defaults(func=cmd_trace_convert)
+
+
+def trace_error(e, skip_bad: bool) -> UsageError:
+    """A TraceError as one sentence; a bad line suggests ``--skip-bad``."""
+    text = str(e)
+    if not skip_bad and getattr(e, "code", None) in ("malformed", "unknown-event", "lost-events", "pfn-range"):
+        text += "; to skip such lines (counted), rerun with --skip-bad"
+    return UsageError(text)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay a trace through hinting and a migration; exit 0 when it verified."""
+    from hintpipe.cli.checks import check_charts, write_charts
     from hintpipe.config import RunConfig
-    from hintpipe.host.migration import MigrationConfig
-    from hintpipe.report import format_replay
-    from hintpipe.trace import TraceError, open_trace
-    from hintpipe.trace.replay import replay
 
+    kw = {k: v for k, v in (("min_order", args.min_order), ("batch", args.batch), ("race_mode", args.race_mode),
+                            ("queue_size", args.queue_size), ("seed", args.seed)) if v is not None}
     try:
-        cfg = RunConfig.for_replay(
-            write_rate=args.write_rate, seed=args.seed,
-            min_order=args.min_order, batch=args.batch, race_mode=args.race_mode,
-            migration=MigrationConfig(bandwidth_gbit=args.bandwidth, max_rounds=args.max_rounds,
-                                      downtime_ms=args.downtime_ms),
-            queue_size=args.queue_size, event_idx=not args.no_event_idx, baseline=not args.no_baseline,
-        )
-        trace = open_trace(args.trace, skip_bad=args.skip_bad)
-        rep = replay(trace, cfg)
+        cfg = RunConfig.for_replay(write_rate=args.write_rate, migration=migration_config_from(args),
+                                   event_idx=not args.no_event_idx, baseline=not args.no_baseline, **kw)
     except ValueError as e:  # ReplayUsageError included
         raise UsageError(str(e)) from None
+    check_charts(args)
+    from hintpipe.progress import open_progress
+    from hintpipe.report import format_replay
+    from hintpipe.trace import TraceError, open_trace
+    from hintpipe.trace.replay import replay_outcome
+
+    try:
+        trace = open_trace(args.trace, skip_bad=args.skip_bad)
+        with open_progress(show_progress(args)) as progress:
+            out = replay_outcome(trace, cfg, progress=progress)
     except TraceError as e:
-        raise UsageError(f"error: {e}") from None
-    if args.skip_bad and rep["trace"]["bad_lines_skipped"]:
-        print(f"hintpipe: warning: skipped {rep['trace']['bad_lines_skipped']} bad trace lines", file=sys.stderr)
+        raise trace_error(e, args.skip_bad) from None
+    rep = out.report
     print(json.dumps(rep) if args.json else format_replay(rep))
+    write_charts(args, [out])
     return 0 if rep["migration"]["verified"] else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Summarise a recording or trace-v1 file."""
-    from hintpipe.trace.commands import cmd_inspect as run
+    from hintpipe.trace import TraceError
+    from hintpipe.trace.summary import inspect, render_text
 
-    return run(args.trace, as_json=args.json, samples=args.samples, skip_bad=args.skip_bad)
+    try:
+        info = inspect(args.trace, samples=args.samples, skip_bad=args.skip_bad)
+    except TraceError as e:
+        raise trace_error(e, args.skip_bad) from None
+    print(json.dumps(info) if args.json else render_text(info))
+    return 0
 
 
 def cmd_record(args: argparse.Namespace) -> int:
     """Record this machine's page allocator (optionally while a command runs)."""
-    from hintpipe.trace.commands import cmd_record as run
+    from hintpipe.cli.checks import check_output_path
+    from hintpipe.progress import open_progress
+    from hintpipe.trace.errors import RecordError
+    from hintpipe.trace.record import record
 
-    return run(args.outdir, duration=args.duration, command=args.record_command or None)
+    command = args.record_command or None
+    if command and shutil.which(command[0]) is None:
+        raise UsageError(f"cannot run {command[0]!r}: no such command (give its path or check its spelling)")
+    check_output_path(args.outdir, "OUTDIR", folder=True, force=args.force)
+    try:
+        with open_progress(show_progress(args)) as progress:
+            s = record(args.outdir, duration=args.duration, command=command, replace=args.force,
+                       progress=progress)
+    except RecordError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps(s))
+    else:
+        how = " (stopped by Ctrl-C)" if s["interrupted"] else ""
+        print(f"recorded {s['events']:,} events in {s['seconds']} s to {s['outdir']}{how}"
+              + (f" (command exit status {s['returncode']})" if s["returncode"] is not None else ""))
+    # Ctrl-C is how a recording without --duration or COMMAND ends; otherwise it cut it short
+    return 130 if s["interrupted"] and (command or args.duration) else 0
 
 
 def cmd_trace_convert(args: argparse.Namespace) -> int:
     """Write a trace-v1 file from a recording."""
-    from hintpipe.trace.commands import cmd_convert as run
+    import time
 
-    return run(args.src, args.dst, skip_bad=args.skip_bad)
+    from hintpipe.cli.checks import check_output_path
+    from hintpipe.progress import open_progress
+    from hintpipe.trace import TraceError
+    from hintpipe.trace.recording import convert
+
+    check_output_path(args.dst, "DST", force=args.force)
+    t0 = time.perf_counter()
+    try:
+        with open_progress(show_progress(args)) as progress:
+            s = convert(args.src, args.dst, skip_bad=args.skip_bad, progress=progress)
+    except TraceError as e:
+        raise trace_error(e, args.skip_bad) from None
+    s = {"dst": args.dst, **s, "seconds": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(s))
+    else:
+        print(f"wrote {args.dst}: {s['events']:,} events, {s['page_count']:,} pages, {s['bytes']:,} bytes "
+              f"in {s['seconds']:.2f} s")
+    return 0

@@ -47,6 +47,10 @@ class Samples:
         self.count += 1
         self.max = max(self.max, seconds)
 
+    def recent_us(self) -> np.ndarray:
+        """The most recent samples (at most ``keep``), in microseconds."""
+        return np.fromiter(self._recent, dtype=np.float64, count=len(self._recent)) * 1e6
+
     def summary_us(self) -> dict:
         """p50/p99 (recent samples), max and count (all samples), in microseconds."""
         out = percentiles_us(list(self._recent))
@@ -88,6 +92,10 @@ class ZoneLock:
         async with self._lock:
             self.alloc_waits.append(trio.current_time() - t0)
             yield
+
+    def samples_us(self) -> dict[str, np.ndarray]:
+        """Recent walker holds and allocation waits in microseconds (the report's distributions)."""
+        return {"hold": self.walker_holds.recent_us(), "alloc_wait": self.alloc_waits.recent_us()}
 
     def summary(self) -> dict:
         """Hold and wait figures as JSON-ready numbers."""

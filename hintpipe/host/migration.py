@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import asdict, dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 import trio
 
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
+from hintpipe.progress import MigrationObserver
 from hintpipe.units import PAGE_SIZE
 
 
@@ -46,8 +47,12 @@ class MigrationConfig:
     def __post_init__(self) -> None:
         if self.bandwidth_gbit <= 0:
             raise ValueError("bandwidth must be positive")
-        if self.max_rounds < 1 or self.chunk_pages < 0:
-            raise ValueError("max_rounds must be >= 1 and chunk_pages >= 0")
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be >= 1")
+        if self.downtime_ms < 0:
+            raise ValueError("downtime_ms must be >= 0")
+        if self.chunk_pages < 0:
+            raise ValueError("chunk_pages must be >= 0")
 
     def chunk_for(self, pages: int) -> int:
         """Pages sent per link step: small enough that hints arriving mid-round still help."""
@@ -125,7 +130,9 @@ class MigrationEngine:
     real backend can re-protect atomically with the swap; ``before_chunk(start, stop)`` collects
     writes to pages ``[start, stop)`` (an asynchronous backend scans them) before that chunk of a
     live round is sent, and once over ``[0, n)`` at the end of each live round. ``dest`` is an
-    optional preallocated (already touched) destination, zeroed by the caller.
+    optional preallocated (already touched) destination, zeroed by the caller. ``observers`` are
+    told of each round and chunk as it is done (:class:`~hintpipe.progress.MigrationObserver`:
+    a progress bar, the report's time series).
     """
 
     cfg: MigrationConfig
@@ -137,6 +144,7 @@ class MigrationEngine:
     before_chunk: Callable[[int, int], Awaitable[None]] | None = None
     start_round: Callable[[int], None | Awaitable[None]] | None = None
     dest: np.ndarray | None = None
+    observers: Sequence[MigrationObserver] = ()
 
     def __post_init__(self) -> None:
         n = self.state.page_count
@@ -185,6 +193,8 @@ class MigrationEngine:
         skipped_mask = np.zeros(n, dtype=bool) if live else None
         sent = skipped = 0
         chunk = cfg.chunk_for(n)
+        for o in self.observers:
+            o.round_started(self, index, live)
         # the link is a clock of its own: each chunk moves the time it is free again; the sender
         # sleeps only once that is LINK_SLACK_S ahead, since real-time sleeps of a few us cost ~1 ms
         link_free_at = t0
@@ -207,6 +217,8 @@ class MigrationEngine:
             else:
                 await trio.lowlevel.checkpoint()
             skipped += nskip
+            for o in self.observers:
+                o.chunk_done(self, index, b, sent, skipped)
         await trio.sleep_until(link_free_at)  # the round ends when its last page is on the wire
         if self.before_chunk is not None and live:
             await self.before_chunk(0, n)  # round end: every write so far is in ``written``
@@ -219,6 +231,8 @@ class MigrationEngine:
                 stayed = free_start[a:b] & fm[a:b] & ~st.written[a:b] & to_send[a:b]
                 rep.stayed_free += int(np.count_nonzero(stayed))
                 rep.stayed_free_skipped += int(np.count_nonzero(stayed & skipped_mask[a:b]))
+        for o in self.observers:
+            o.round_ended(self, rep)
         return rep
 
     async def run(self) -> MigrationResult:
@@ -251,6 +265,8 @@ class MigrationEngine:
         if self.session is not None:
             res.guest_failure = self.session.failure
         self.verify()
+        for o in self.observers:
+            o.finished(self, res)
         return res
 
     def verify(self) -> int:

@@ -95,9 +95,10 @@ class GuestRam:
         """Virtual address of page ``pfn`` in this mapping."""
         return self.addr + pfn * PAGE_SIZE
 
-    def touch(self) -> None:
-        """Populate the whole memfd (first touch of fresh memory is slow; do it once)."""
-        self.words[:, 0] = 0  # one write per page allocates it in the page cache
+    def touch(self, start: int = 0, stop: int | None = None) -> None:
+        """Populate pages ``[start, stop)`` of the memfd, all by default (first touch of fresh
+        memory is slow; do it once)."""
+        self.words[start:stop, 0] = 0  # one write per page allocates it in the page cache
 
     def write_pages(self, pfns: np.ndarray, versions: np.ndarray | int) -> None:
         """Fill pages ``pfns`` with the (pfn, version) pattern.

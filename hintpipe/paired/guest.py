@@ -41,6 +41,8 @@ class GuestOutcome:
     ok: bool
     reason: str
     summary: dict = field(default_factory=dict)
+    signal: int | None = None
+    """The signal (SIGINT, SIGTERM) that stopped the guest, if one did."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ async def guest_main(opts: GuestOptions) -> GuestOutcome:
         async with trio.open_nursery() as nursery:
             async def watch():
                 async for sig in signals:
-                    result.append(GuestOutcome(False, f"interrupted by {signal.Signals(sig).name}"))
+                    result.append(GuestOutcome(False, f"interrupted by {signal.Signals(sig).name}", signal=sig))
                     nursery.cancel_scope.cancel()
                     return
 

@@ -38,6 +38,7 @@ from hintpipe.paired.mirror import MirroredRegion, MirrorReceiver
 from hintpipe.paired.region import RegionError, SharedRegion
 from hintpipe.protocol import ErrorCode, ProtocolError, encode
 from hintpipe.protocol.messages import CMD_ID_BASE, Error, Hello
+from hintpipe.progress import NO_PROGRESS, Progress, RoundProgress
 from hintpipe.report import HintFigures, RunResult, format_summary, run_report
 
 
@@ -122,12 +123,32 @@ def _notifications(ep: Endpoint, gstats: dict) -> dict:
 class GuestServer:
     """Serves guests on one listening address; ``reports`` collects one dict per guest."""
 
-    def __init__(self, opts: HostOptions) -> None:
+    def __init__(self, opts: HostOptions, progress: Progress = NO_PROGRESS) -> None:
         self.opts = opts
+        self.progress = progress
         self.reports: list[dict] = []
         self.served = 0
-        self._ids = 0
+        self._ids = 0  # guest ids: given once a guest identifies itself (a RAM handoff or a Hello)
+        self._conns = 0  # connections accepted: each has its own block of command ids
         self._all_done = trio.Event()
+
+    def _new_guest_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _guest_done(self, rep: dict) -> None:
+        """Report one guest (migrated, failed or refused) and count it toward ``--guests``."""
+        self.reports.append(rep)
+        self.emit(rep)
+        self.served += 1
+        if self.opts.guests is not None and self.served >= self.opts.guests:
+            self._all_done.set()
+
+    def _refused(self, gid: int, name: str, pages: int | None, reason: str) -> None:
+        """A guest that identified itself and was refused: it counts as a failed guest."""
+        print(f"hintpipe host: guest {gid}: {reason}", file=sys.stderr, flush=True)
+        self._guest_done({"status": "failed", "reason": reason, "transport": self.opts.address.kind,
+                          "guest": {"id": gid, "name": name, "pages": pages}})
 
     def emit(self, rep: dict) -> None:
         """Print (and append to --out) one guest's report."""
@@ -137,18 +158,20 @@ class GuestServer:
             head = f"guest {rep['guest']['id']} {rep['guest']['name']!r} over {rep['transport']}: {rep['status']}"
             if rep.get("reason"):
                 head += f" ({rep['reason']})"
-            text = head + "\n" + format_summary(rep)
+            text = head + ("\n" + format_summary(rep) if "migration" in rep else "")
         print(text, flush=True)
         if self.opts.out:
             with open(self.opts.out, "a") as f:
                 f.write(text + "\n")
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until cancelled or ``guests`` guests are done."""
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED, listener=None) -> None:
+        """Listen (on ``listener`` if given, else a new one: ListenError if impossible) and serve
+        until cancelled or ``guests`` guests are done."""
         addr = self.opts.address
         if addr.kind == "tcp" and not addr.is_loopback() and self.opts.secret is None:
             raise ValueError(f"refusing to listen on non-loopback {addr} without --secret")
-        listener = await open_listener(addr)
+        if listener is None:
+            listener = await open_listener(addr)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(listener.getsockname())
@@ -166,18 +189,19 @@ class GuestServer:
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
             sock, _ = await listener.accept()
-            self._ids += 1
-            nursery.start_soon(self._connection, sock, self._ids)
+            self._conns += 1
+            nursery.start_soon(self._connection, sock, self._conns)
 
-    async def _connection(self, sock: trio.socket.SocketType, gid: int) -> None:
+    async def _connection(self, sock: trio.socket.SocketType, conn: int) -> None:
         try:
-            await self._connection_inner(sock, gid)
+            await self._connection_inner(sock, conn)
         except Exception as e:  # one guest's failure must never take the host (and the others) down
             if os.environ.get("HINTPIPE_DEBUG"):
                 raise
-            print(f"hintpipe host: guest {gid}: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"hintpipe host: connection {conn}: internal error: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
 
-    async def _connection_inner(self, sock: trio.socket.SocketType, gid: int) -> None:
+    async def _connection_inner(self, sock: trio.socket.SocketType, conn: int) -> None:
         kind = self.opts.address.kind
         rx: ReceivedRam | None = None
         try:
@@ -190,18 +214,21 @@ class GuestServer:
                     rx = await receive_handoff(sock, self.opts.handshake_timeout_s)
                     check_backend(self.opts.cfg.wp, rx.info.backend)
                 except RealMemoryError as e:
-                    if rx is not None:
+                    if rx is not None:  # a valid handoff: a guest, refused for its settings
                         rx.close()
-                    await self._refuse_raw(sock, gid, str(e), frame=kind == "unix")
+                        self._refused(self._new_guest_id(), "?", rx.info.page_count, str(e))
+                    else:
+                        print(f"hintpipe host: connection {conn}: {e}", file=sys.stderr, flush=True)
+                    await self._refuse_raw(sock, str(e), frame=kind == "unix")
                     return
             if kind == "shm":
                 from hintpipe.channel.shm import ShmSetupError, open_shm_host
 
                 try:
                     async with open_shm_host(sock, timeout_s=self.opts.handshake_timeout_s) as ep:
-                        await self._serve_guest(ep, gid, ep.take_fds, rx)
+                        await self._serve_guest(ep, conn, ep.take_fds, rx)
                 except ShmSetupError as e:
-                    print(f"hintpipe host: guest {gid}: shm setup refused: {e}", file=sys.stderr, flush=True)
+                    print(f"hintpipe host: connection {conn}: shm setup refused: {e}", file=sys.stderr, flush=True)
                 return
             if kind == "tcp" and self.opts.secret is not None:
                 try:
@@ -217,16 +244,16 @@ class GuestServer:
                                 pass  # connection before the guest has read the Error
                         except OSError:
                             pass
-                    print(f"hintpipe host: guest {gid}: {msg}", file=sys.stderr, flush=True)
+                    print(f"hintpipe host: connection {conn}: {msg}", file=sys.stderr, flush=True)
                     return
             async with open_stream_endpoint(sock, collect_fds=kind == "unix") as stream:
                 if kind != "tcp":
-                    await self._serve_guest(stream, gid, stream.take_fds, rx)
+                    await self._serve_guest(stream, conn, stream.take_fds, rx)
                     return
                 mirror = MirrorReceiver(stream.queue_nowait)  # tcp: the guest streams its memory
                 ep = RecordEndpoint(stream, mirror)
                 try:
-                    await self._serve_guest(ep, gid, ep.take_fds, rx, mirror)
+                    await self._serve_guest(ep, conn, ep.take_fds, rx, mirror)
                 finally:
                     if mirror.region is not None:
                         mirror.region.close()  # a mirror made for a guest that was then refused
@@ -235,9 +262,8 @@ class GuestServer:
                 rx.close()
             sock.close()
 
-    async def _refuse_raw(self, sock: trio.socket.SocketType, gid: int, msg: str, *, frame: bool) -> None:
+    async def _refuse_raw(self, sock: trio.socket.SocketType, msg: str, *, frame: bool) -> None:
         """Refuse a guest before any transport is open: an Error frame (unix) and a clean close."""
-        print(f"hintpipe host: guest {gid}: {msg}", file=sys.stderr, flush=True)
         if not frame:
             return
         with trio.move_on_after(1):
@@ -249,13 +275,13 @@ class GuestServer:
             except OSError:
                 pass
 
-    async def _serve_guest(self, ep: Endpoint, gid: int, take_fds: Callable[[], list[int]],
+    async def _serve_guest(self, ep: Endpoint, conn: int, take_fds: Callable[[], list[int]],
                            rx: ReceivedRam | None = None, mirror: MirrorReceiver | None = None) -> None:
         opts = self.opts
         # command ids are unique across this host's connections: a guest that reconnects never
         # sees an id of its previous connection (blocks of 2**16 rounds per connection)
         session = HostSession(ep, max_ranges=opts.cfg.max_ranges,
-                              first_cmd_id=CMD_ID_BASE + ((gid - 1) % 32768) * 65536)
+                              first_cmd_id=CMD_ID_BASE + ((conn - 1) % 32768) * 65536)
         regions: list[SharedRegion] = []
 
         def make_state(hello: Hello) -> HostPageState:
@@ -282,14 +308,18 @@ class GuestServer:
                 raise RegionError(f"the RAM handoff says {rx.info.page_count} pages, Hello says {hello.page_count}")
             return HostPageState(hello.page_count)
 
-        async def refuse(code: ErrorCode, msg: str) -> None:
+        async def refuse(code: ErrorCode, msg: str, hello: Hello | None = None) -> None:
             with trio.move_on_after(1):
                 try:
                     await ep.send_frame(session.conn.error(code, msg))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-            print(f"hintpipe host: guest {gid}: {msg}", file=sys.stderr, flush=True)
+            if hello is None:  # not a guest yet (a silent or garbage peer): it does not count
+                print(f"hintpipe host: connection {conn}: {msg}", file=sys.stderr, flush=True)
+            else:
+                self._refused(gid, hello.name, hello.page_count, msg)
 
+        gid = 0
         try:
             with trio.fail_after(opts.handshake_timeout_s):
                 hello = await session.handshake(make_state)
@@ -299,11 +329,13 @@ class GuestServer:
         except ProtocolError as e:
             await refuse(e.code, e.message)
             return
-        except RegionError as e:
-            await refuse(ErrorCode.UNSUPPORTED, str(e))
+        except RegionError as e:  # a well-formed Hello this host cannot serve
+            gid = self._new_guest_id()
+            await refuse(ErrorCode.UNSUPPORTED, str(e), session.hello)
             return
         except (GuestGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+            return  # closed before a Hello (a liveness probe, a guest that changed its mind)
+        gid = self._new_guest_id()
         region = regions[0]
         print(f"hintpipe host: guest {gid} {hello.name!r} connected over {opts.address.kind} "
               f"({hello.page_count} pages)", file=sys.stderr, flush=True)
@@ -313,7 +345,7 @@ class GuestServer:
                 try:
                     real = HostRealMemory(rx, session.state)
                 except (RealMemoryError, ValueError, OSError) as e:
-                    await refuse(ErrorCode.UNSUPPORTED, f"guest RAM unusable: {e}")
+                    await refuse(ErrorCode.UNSUPPORTED, f"guest RAM unusable: {e}", hello)
                     return
             await self._migrate(ep, gid, session, hello, region, real)
         finally:
@@ -348,6 +380,7 @@ class GuestServer:
             start_round=real.start_round if kernel_wp else start_round,
             before_chunk=real.before_chunk if kernel_wp else None,
             dest=real.dest if real is not None else None,
+            observers=(rounds := RoundProgress(self.progress, f"guest {gid} {hello.name!r}"),),
         )
         t0 = time.perf_counter()
         wp_stats: dict = {}
@@ -359,6 +392,7 @@ class GuestServer:
         reason = await drive_migration(engine, cancel_on_disconnect=True,
                                        aborts=(GuestStuck, GuestLeft, RealMemoryError),
                                        before_done=stop_tracking, linger_s=2.0)
+        rounds.close()
         res = engine.result
         if reason is None and not res.verified:
             reason = f"verification failed: {res.lost_pages} lost pages"
@@ -367,9 +401,11 @@ class GuestServer:
         wl = _section(gstats, "workload")
         workload = WorkloadStats(**{f.name: int(_num(wl.get(f.name))) for f in fields(WorkloadStats)})
         lock = _section(gstats, "lock")
-        backend = "mirrored" if isinstance(region, MirroredRegion) else "shared"
-        wp = {"backend": backend, "faults": state.faults, "fault_messages": session.conn.fault_frames,
-              "barriers": control.barriers}
+        # --wp sim across processes: faults travel over the link (Fault/FaultDone frames), the
+        # protection bytes live in guest RAM shared with the host (or mirrored to it over tcp)
+        wp = {"backend": "sim", "faults": state.faults, "fault_messages": session.conn.fault_frames,
+              "barriers": control.barriers,
+              "guest_ram": "mirrored" if isinstance(region, MirroredRegion) else "shared"}
         if real is not None:
             wp = {**wp, "backend": real.name, **wp_stats}
         run = RunResult(migration=res, hints=HintFigures.of(session.conn, state), faults=state.faults,
@@ -381,28 +417,34 @@ class GuestServer:
         rep["reason"] = reason
         rep["transport"] = opts.address.kind
         rep["guest"] = {"id": gid, "name": hello.name, "pages": hello.page_count}
-        self.reports.append(rep)
-        self.emit(rep)
-        self.served += 1
-        if opts.guests is not None and self.served >= opts.guests:
-            self._all_done.set()
+        self._guest_done(rep)
 
 
-async def host_main(opts: HostOptions) -> int:
-    """Serve until ``guests`` are done or SIGINT/SIGTERM; exit status 0 unless a migration failed."""
-    server = GuestServer(opts)
+async def host_main(opts: HostOptions, progress: Progress = NO_PROGRESS) -> int:
+    """Serve until ``guests`` are done or SIGINT/SIGTERM; exit status 0 unless a migration failed
+    (128 + the signal's number when a signal stopped a host that still had ``guests`` to serve).
+
+    The listener is opened first, so an address that cannot be listened on raises ListenError
+    (one sentence) before anything else starts.
+    """
+    server = GuestServer(opts, progress)
+    listener = await open_listener(opts.address)
+    stopped_by: list[int] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             async def watch():
                 async for sig in signals:
                     print(f"hintpipe host: {signal.Signals(sig).name}, shutting down", file=sys.stderr, flush=True)
+                    stopped_by.append(sig)
                     nursery.cancel_scope.cancel()
                     return
 
             async def work():
-                await server.serve()
+                await server.serve(listener=listener)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
             nursery.start_soon(work)
+    if stopped_by and opts.guests is not None and server.served < opts.guests:
+        return 128 + stopped_by[0]
     return 0 if all(r["status"] == "migrated" for r in server.reports) else 1

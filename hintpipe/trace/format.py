@@ -33,8 +33,12 @@ def _unpack_bitmap(b: bytes, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(b, np.uint8), count=n, bitorder="little").astype(bool)
 
 
-def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16) -> dict:
-    """Write an opened :class:`~hintpipe.trace.recording.Trace` as trace-v1. Returns a summary."""
+def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16, task=None) -> dict:
+    """Write an opened :class:`~hintpipe.trace.recording.Trace` as trace-v1. Returns a summary.
+
+    The file appears only once complete: it is written as ``OUT.part`` and renamed; a failure or
+    an interrupt removes the ``.part`` file. ``task`` (a :class:`~hintpipe.progress.Task`) is told
+    the events written so far."""
     out_file = Path(out_file)
     header = {
         "type": "header",
@@ -51,20 +55,26 @@ def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16) -> dict:
     total = 0
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
     tmp = out_file.with_name(out_file.name + ".part")
-    with open(tmp, "wb") as raw:
-        raw.write(MAGIC)
-        with cctx.stream_writer(raw, closefd=False) as z:
-            z.write(msgpack.packb(header, use_bin_type=True))
-            for b in trace.batches():
-                for s in range(0, len(b), batch_events):
-                    part = b.take(slice(s, s + batch_events))
-                    rec = {"type": "batch", "n": len(part)}
-                    for k, dt in COLUMNS.items():
-                        rec[k] = np.ascontiguousarray(getattr(part, k), dtype=dt).tobytes()
-                    z.write(msgpack.packb(rec, use_bin_type=True))
-                    total += len(part)
-            z.write(msgpack.packb({"type": "end", "events": total}, use_bin_type=True))
-    tmp.replace(out_file)
+    try:
+        with open(tmp, "wb") as raw:
+            raw.write(MAGIC)
+            with cctx.stream_writer(raw, closefd=False) as z:
+                z.write(msgpack.packb(header, use_bin_type=True))
+                for b in trace.batches():
+                    for s in range(0, len(b), batch_events):
+                        part = b.take(slice(s, s + batch_events))
+                        rec = {"type": "batch", "n": len(part)}
+                        for k, dt in COLUMNS.items():
+                            rec[k] = np.ascontiguousarray(getattr(part, k), dtype=dt).tobytes()
+                        z.write(msgpack.packb(rec, use_bin_type=True))
+                        total += len(part)
+                    if task is not None:
+                        task.update(total)
+                z.write(msgpack.packb({"type": "end", "events": total}, use_bin_type=True))
+        tmp.replace(out_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return {"events": total, "bytes": out_file.stat().st_size, "page_count": trace.page_count}
 
 

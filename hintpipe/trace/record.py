@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import shutil
 import subprocess
 import threading
 import time
@@ -118,9 +119,15 @@ class _PipeReader(threading.Thread):
 
 
 def record(outdir: str | Path, duration: float | None = None, command: list[str] | str | None = None,
-           tracefs: str | Path = TRACEFS, buffer_kb: int = BUFFER_KB) -> dict:
+           tracefs: str | Path = TRACEFS, buffer_kb: int = BUFFER_KB, *, replace: bool = False,
+           progress=None) -> dict:
     """Record kmem page events into ``outdir`` (created) until ``command`` exits, ``duration``
     seconds pass, or Ctrl-C (whichever first; with neither, until Ctrl-C).
+
+    The recording is written into ``OUTDIR.part`` and renamed to ``outdir`` once complete, so
+    ``outdir`` never holds a partial recording (a failure removes ``OUTDIR.part``). An existing
+    ``outdir`` is refused (RecordError) unless ``replace``. ``progress`` (a
+    :class:`~hintpipe.progress.Progress`) shows the time recorded and the events so far.
 
     ``buffer_kb`` is the per-CPU ring buffer size while recording (restored afterwards). The
     whole machine's page events are recorded; if the reader falls behind, the kernel writes
@@ -131,12 +138,30 @@ def record(outdir: str | Path, duration: float | None = None, command: list[str]
     recording is impossible.
     """
     tracefs = Path(tracefs)
+    final = Path(outdir)
+    if final.exists() and not replace and not (final.is_dir() and not any(final.iterdir())):
+        raise RecordError(f"{final} exists; choose another folder or replace it (--force).")
     _check(tracefs)
-    out = Path(outdir)
+    out = final.with_name(final.name + ".part")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
     except OSError as e:
         raise RecordError(f"cannot create the output folder {out}: {e.strerror or e}.") from None
+    try:
+        s = _record(out, duration, command, tracefs, buffer_kb, progress)
+        if final.is_dir():
+            shutil.rmtree(final)
+        elif final.exists():
+            final.unlink()
+        out.rename(final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return {**s, "outdir": str(final)}
+
+
+def _record(out: Path, duration: float | None, command, tracefs: Path, buffer_kb: int, progress) -> dict:
     if isinstance(command, str):
         command = shlex.split(command)
     (out / "uname.txt").write_text(os.uname().release + "\n")
@@ -146,6 +171,7 @@ def record(outdir: str | Path, duration: float | None = None, command: list[str]
     saved_on = (tracefs / "tracing_on").read_text().strip()
     saved_buf = (tracefs / "buffer_size_kb").read_text().strip()
     reader: _PipeReader | None = None
+    task = None
     proc: subprocess.Popen | None = None
     interrupted = False
     rc = None
@@ -168,22 +194,26 @@ def record(outdir: str | Path, duration: float | None = None, command: list[str]
         _copy("/proc/zoneinfo", out / "zoneinfo.start")
         _copy("/proc/pagetypeinfo", out / "pagetypeinfo.start")
         t_start = time.monotonic()
+        task = progress.task("recording" + (f" {shlex.join(command)}" if command else ""), total=duration,
+                             unit="s") if progress is not None else None
         try:
             if command:
                 try:
                     proc = subprocess.Popen(command)
                 except OSError as e:
                     raise RecordError(f"cannot run {command[0]!r}: {e.strerror or e}.") from None
-                try:
-                    rc = proc.wait(timeout=duration)
-                except subprocess.TimeoutExpired:
+            # wait in short steps: the bar moves, and Ctrl-C is seen at once
+            while proc is None or proc.poll() is None:
+                elapsed = time.monotonic() - t_start
+                if duration is not None and elapsed >= duration:
+                    break
+                if task is not None:
+                    task.update(round(elapsed, 1), description=f"recording: {reader.lines:,} events")
+                time.sleep(0.1 if duration is None else min(0.1, max(0.0, duration - elapsed)))
+            if proc is not None:
+                if proc.poll() is None:
                     proc.terminate()
-                    rc = proc.wait()
-            elif duration is not None:
-                time.sleep(duration)
-            else:
-                while True:
-                    time.sleep(3600)
+                rc = proc.wait()
         except KeyboardInterrupt:
             interrupted = True
             if proc is not None and proc.poll() is None:
@@ -207,6 +237,8 @@ def record(outdir: str | Path, duration: float | None = None, command: list[str]
                 (tracefs / "buffer_size_kb").write_text(_buffer_kb(saved_buf))
         except OSError:
             pass
+    if task is not None:
+        task.close()
     if reader is not None and reader.error is not None:
         raise RecordError(f"reading trace_pipe failed: {reader.error}")
     lost = reader.lost_lines if reader else 0

@@ -97,6 +97,13 @@ def open_trace(path: str | Path, skip_bad: bool = False) -> Trace:
                      "a bare kmem text file needs its kpageflags snapshot: pass the recording folder", str(p))
 
 
-def convert(recording_dir: str | Path, out_file: str | Path, skip_bad: bool = False) -> dict:
-    """Convert a recording folder (or another trace-v1 file) into a trace-v1 file."""
-    return write_v1(out_file, open_trace(recording_dir, skip_bad=skip_bad))
+def convert(recording_dir: str | Path, out_file: str | Path, skip_bad: bool = False, progress=None) -> dict:
+    """Convert a recording folder (or another trace-v1 file) into a trace-v1 file; ``progress``
+    (a :class:`~hintpipe.progress.Progress`) shows the events converted so far."""
+    trace = open_trace(recording_dir, skip_bad=skip_bad)
+    task = None if progress is None else progress.task("converting", total=trace.events_hint, unit="events")
+    try:
+        return write_v1(out_file, trace, task=task)
+    finally:
+        if task is not None:
+            task.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 import trio
@@ -26,8 +27,10 @@ from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationEngine, MigrationResult
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
+from hintpipe.host.timeline import Timeline
 from hintpipe.inprocess import InProcessLink, migrate_in_process
-from hintpipe.report import HintFigures, RunResult, replay_run_report
+from hintpipe.progress import NO_PROGRESS, MigrationObserver, Progress, RoundProgress, Task
+from hintpipe.report import HintFigures, RunOutcome, RunResult, replay_run_report
 from hintpipe.units import NR_ORDERS, order_pages
 from hintpipe.wp.sim import SimBackend
 
@@ -37,7 +40,8 @@ from .recording import Trace
 from .snapshot import decompose
 
 
-__all__ = ["ReplayUsageError", "TraceWalker", "TraceWorkload", "ReplayRun", "replay_migration", "replay"]
+__all__ = ["ReplayUsageError", "TraceWalker", "TraceWorkload", "ReplayRun", "replay_migration", "replay",
+           "replay_outcome"]
 
 
 class TraceWalker:
@@ -133,10 +137,13 @@ class TraceWorkload:
     """The recorded kernel as the guest's vCPUs: applies the trace as virtual time passes.
 
     Every ``cfg.tick_s`` of guest time the trace advances as far; each allocation writes its
-    pages, and ``cfg.write_pages_per_s`` extra writes go to allocated pages.
+    pages, and ``cfg.write_pages_per_s`` extra writes go to allocated pages. ``task`` is told the
+    trace position (events applied) after each step.
     """
 
-    def __init__(self, model: ReplayModel, memory: GuestMemory, zone: ZoneLock, cfg: WorkloadConfig) -> None:
+    def __init__(self, model: ReplayModel, memory: GuestMemory, zone: ZoneLock, cfg: WorkloadConfig,
+                 task: Task | None = None) -> None:
+        self.task = task or Task()
         self.model = model
         self.memory = memory
         self.zone = zone
@@ -171,8 +178,10 @@ class TraceWorkload:
                     cand = cand[~self.model.free_mask[cand]][:k]
                     await self.memory.write(cand)
                     self.pages_written += len(cand)
+                self.task.update(self.model.events_applied)
                 if self.model.done:
                     self.finished_at = trio.current_time() - t0
+                    self.task.close()
         finally:
             self.gate.vcpus -= 1
 
@@ -190,17 +199,21 @@ class ReplayRun:
     workload: TraceWorkload
     wall_s: float
     wp: dict
+    timeline: Timeline | None = None
 
     def figures(self) -> RunResult:
         """The run's figures for its report."""
         return RunResult(migration=self.result,
                          hints=HintFigures.of(self.session.conn if self.session else None, self.state),
                          faults=self.state.faults, wp=self.wp, lock=self.zone.summary(),
-                         wall_s=self.wall_s)
+                         wall_s=self.wall_s, timeline=self.timeline, lock_samples_us=self.zone.samples_us())
 
 
-async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, hinting: bool = True) -> ReplayRun:
-    """Migrate the traced guest while its trace replays; runs under any trio clock."""
+async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, hinting: bool = True,
+                           observers: Sequence[MigrationObserver] = (), task: Task | None = None) -> ReplayRun:
+    """Migrate the traced guest while its trace replays; runs under any trio clock. The engine
+    tells ``observers`` of each round and chunk (a :class:`Timeline` among them is kept in the
+    result); ``task`` follows the trace position."""
     if cfg.workload.kind != "replay":
         raise ReplayUsageError("a replay's workload is its trace: configure it with RunConfig.for_replay")
     t_wall = time.perf_counter()
@@ -212,7 +225,7 @@ async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, 
     backend = SimBackend(state)  # the recorded kernel's writes fault like an in-process guest's
     memory.tracker = backend.guest_tracker
     zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
-    workload = TraceWorkload(model, memory, zone, cfg.workload)
+    workload = TraceWorkload(model, memory, zone, cfg.workload, task)
     link = walker = None
     if hinting:
         walker = TraceWalker(model, min_order=cfg.min_order, batch=cfg.batch, time_budget_us=cfg.time_budget_us)
@@ -225,27 +238,53 @@ async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, 
         session=link.session if link else None,
         before_chunk=backend.before_chunk,
         start_round=backend.start_round,
+        observers=observers,
     )
     result = await migrate_in_process(engine, workload.run, link)
+    workload.task.close()
     return ReplayRun(result, model, state, zone, link.session if link else None, walker, workload,
-                     time.perf_counter() - t_wall, backend.stats())
+                     time.perf_counter() - t_wall, backend.stats(),
+                     next((o for o in observers if isinstance(o, Timeline)), None))
 
 
 def _buddyinfo_pages(info: dict | None) -> int | None:
     return None if not info else int(info["free_pages"])
 
 
-def replay(trace: Trace, cfg: RunConfig) -> dict:
+def replay(trace: Trace, cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> dict:
     """Replay ``trace`` with hinting (and, with ``cfg.baseline``, without); return the JSON report."""
+    return replay_outcome(trace, cfg, progress=progress).report
+
+
+def _read_events(trace: Trace, progress: Progress) -> EventBatch:
+    task = progress.task("reading the trace", total=trace.events_hint, unit="events")
+    batches, n = [], 0
+    for b in trace.batches():
+        batches.append(b)
+        n += len(b)
+        task.update(n)
+    task.close()
+    return EventBatch.concat(batches)
+
+
+def replay_outcome(trace: Trace, cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> RunOutcome:
+    """:func:`replay`, keeping both runs (each with its :class:`Timeline`) for the charts;
+    ``progress`` shows the reading of the trace, then each run's trace position and rounds."""
     t0 = time.perf_counter()
-    events = EventBatch.concat(list(trace.batches()))
+    events = _read_events(trace, progress)
     parse_s = time.perf_counter() - t0
     init_blocks = decompose(trace.initial_free)[1]
     initial_by_order = np.bincount(init_blocks, minlength=NR_ORDERS).tolist()
 
+    async def one(hinting: bool) -> ReplayRun:
+        label = "with hinting" if hinting else "baseline (no hinting)"
+        task = progress.task(f"{label}: trace events", total=len(events), unit="events")
+        return await replay_migration(trace, events, cfg, hinting=hinting, task=task,
+                                      observers=(Timeline(), RoundProgress(progress, f"{label}: migration")))
+
     async def main():
-        run = await replay_migration(trace, events, cfg, hinting=True)
-        base = await replay_migration(trace, events, cfg, hinting=False) if cfg.baseline else None
+        run = await one(True)
+        base = await one(False) if cfg.baseline else None
         return run, base
 
     run, base = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -254,8 +293,9 @@ def replay(trace: Trace, cfg: RunConfig) -> dict:
     ref_end = _buddyinfo_pages(trace.buddyinfo_end)
     elapsed = time.perf_counter() - t0
     span = (int(events.ts_ns[-1]) - int(events.ts_ns[0])) / 1e9 if len(events) else 0.0
-    return replay_run_report(
-        cfg, run.figures(), base.figures() if base else None,
+    figs, base_figs = run.figures(), base.figures() if base else None
+    report = replay_run_report(
+        cfg, figs, base_figs,
         trace={
             "path": str(trace.path),
             "kind": trace.kind,
@@ -277,3 +317,4 @@ def replay(trace: Trace, cfg: RunConfig) -> dict:
             "trace_finished_during_migration": run.workload.finished_at is not None,
         },
         parse_s=parse_s, elapsed_s=elapsed)
+    return RunOutcome(report, figs, base_figs)

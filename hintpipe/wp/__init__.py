@@ -35,6 +35,7 @@ import ctypes
 import mmap
 import os
 
+from hintpipe.choices import WP_CHOICES
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.linux.pagemap import PagemapScanner
 from hintpipe.linux.userfaultfd import (
@@ -51,8 +52,6 @@ from hintpipe.wp.uffd_sync import SyncUffdBackend
 __all__ = ["WP_CHOICES", "REAL_BACKENDS", "AUTO_ORDER", "UffdUnavailable", "probe",
            "resolve_backend", "make_backend"]
 
-WP_CHOICES = ("sim", "uffd", "uffd-async", "auto", "off")
-"""Values of ``--wp``."""
 REAL_BACKENDS = ("uffd", "uffd-async")
 """Backends that write-protect real memory in the kernel."""
 AUTO_ORDER = ("uffd-async", "uffd")
