@@ -28,13 +28,17 @@ from common import format_table, machine_info, row, write_json  # noqa: E402
 ORDER = ("apply", "codec", "walker", "e2e", "replay", "scale", "migration", "wp")
 
 
-def run_all(quick: bool, only: list[str] | None = None, log=print) -> dict:
-    """Run the selected benchmarks; a failing one is recorded and the others still run."""
+def run_all(quick: bool, only: list[str] | None = None, log=print, progress=None) -> dict:
+    """Run the selected benchmarks; a failing one is recorded and the others still run.
+    ``progress`` (a hintpipe.progress.Progress) shows how many are done."""
     names = [n for n in ORDER if not only or n in only]
     res: dict = {"quick": quick, "machine": machine_info(), "benchmarks": {}, "errors": {}}
     rows: list[dict] = []
     t_all = time.perf_counter()
-    for name in names:
+    task = progress.task("benchmarks", total=len(names), unit="benchmarks") if progress is not None else None
+    for i, name in enumerate(names):
+        if task is not None:
+            task.update(i, description=f"benchmark {name}")
         t0 = time.perf_counter()
         log(f"[bench] {name} ...", file=sys.stderr, flush=True)
         try:
@@ -49,6 +53,8 @@ def run_all(quick: bool, only: list[str] | None = None, log=print) -> dict:
         rows.extend(out.pop("rows", []))
         res["benchmarks"][name] = out
         log(f"[bench] {name} done in {out['bench_s']:.1f} s", file=sys.stderr, flush=True)
+    if task is not None:
+        task.close()
     b = res["benchmarks"]
     res["host_apply_mranges_per_s"] = b.get("apply", {}).get("bulk_walker_order", {}).get("mranges_per_s", {}).get("median")
     res["e2e_unix_mranges_per_s"] = b.get("e2e", {}).get("e2e_unix_mranges_per_s")
@@ -182,11 +188,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="OUT", help="write the results as JSON")
     ap.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(ORDER)}")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     if only and (bad := [o for o in only if o not in ORDER]):
         ap.error(f"unknown benchmark(s) {bad}; choose from {ORDER}")
-    res = run_all(args.quick, only)
+    if args.plot:  # before any benchmark runs: a missing matplotlib must not cost the whole run
+        from hintpipe.charts import ChartsUnavailable, require_matplotlib
+
+        try:
+            require_matplotlib("--plot")
+        except ChartsUnavailable as e:
+            ap.exit(2, f"bench: {e}\n")
+    from hintpipe.progress import open_progress
+
+    with open_progress(not args.quiet and sys.stderr.isatty()) as progress:
+        res = run_all(args.quick, only, progress=progress)
     print(format_table(res["table"]))
     print(f"\n{'quick' if args.quick else 'full'} run: {res['total_s']:.1f} s; headline: "
           f"host_apply {_f(res['host_apply_mranges_per_s'])} M ranges/s, e2e unix {_f(res['e2e_unix_mranges_per_s'])} "
@@ -207,4 +224,12 @@ def _f(x) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hintpipe.cli import interrupted
+
+    try:
+        sys.exit(main())
+    except BaseException as e:
+        if not interrupted(e):  # Ctrl-C, also inside a trio exception group
+            raise
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)

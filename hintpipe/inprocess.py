@@ -123,19 +123,23 @@ class InProcessRun:
 
 
 async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMachine | None = None,
-                        observers: Sequence[MigrationObserver] = ()) -> InProcessRun:
+                        observers: Sequence[MigrationObserver] = (),
+                        workload: Callable[..., Workload] = Workload) -> InProcessRun:
     """Boot a guest, migrate it (hinting on or off) and verify; runs under any trio clock.
 
     With ``cfg.memory == "real"`` the guest's pages live in ``machine`` (a :class:`RealMachine`,
     reused across runs by :func:`run_demo`; made here and closed at the end if not given), and
     ``cfg.wp`` must be resolved (not ``auto``) unless this function makes the machine.
     The engine tells ``observers`` of each round and chunk, and a :class:`Timeline` among them
-    is kept in the result (``InProcessRun.timeline``).
+    is kept in the result (``InProcessRun.timeline``). ``workload(cfg.workload, alloc, memory,
+    zone)`` makes what the guest's vCPUs run: :class:`~hintpipe.guest.workload.Workload` or a
+    subclass of it (``examples/custom_workload.py``).
     """
     if cfg.memory == "real" and machine is None:
         wp = resolve_backend(cfg.wp, "real")
         with RealMachine(cfg.pages, wp) as own:
-            return await migrate_guest(replace(cfg, wp=wp), hinting=hinting, machine=own, observers=observers)
+            return await migrate_guest(replace(cfg, wp=wp), hinting=hinting, machine=own, observers=observers,
+                                       workload=workload)
     wp_name = resolve_backend(cfg.wp, cfg.memory) if cfg.wp == "auto" else cfg.wp
     t_wall = time.perf_counter()
     n = cfg.pages
@@ -153,7 +157,8 @@ async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMa
         memory = GuestMemory(n)
         read_source, dest = (lambda idx: memory.versions[idx]), None
     try:
-        return await _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall, observers)
+        return await _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall, observers,
+                              workload)
     finally:
         backend.close()  # sync uffd: lifts all protection, so no later write can block
 
@@ -161,9 +166,10 @@ async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMa
 async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory: GuestMemory,
                    state: HostPageState, backend: WpBackend,
                    read_source: Callable[[np.ndarray], np.ndarray], dest: np.ndarray | None,
-                   t_wall: float, observers: Sequence[MigrationObserver]) -> InProcessRun:
+                   t_wall: float, observers: Sequence[MigrationObserver],
+                   make_workload: Callable[..., Workload]) -> InProcessRun:
     zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
-    workload = Workload(cfg.workload, alloc, memory, zone)
+    workload = make_workload(cfg.workload, alloc, memory, zone)
     await workload.boot()  # before round 0: untracked, and round 0 sends everything anyway
     memory.tracker = backend.guest_tracker  # simulated faults from now on (real ones: in-kernel)
     link = walker = None

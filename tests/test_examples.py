@@ -11,6 +11,20 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+# what each example must have printed (besides exiting 0 without a traceback)
+SAYS = {
+    "compare_settings.py": "batch512-order9",
+    "custom_workload.py": "lost 0",
+    "embed_in_trio.py": "verified",
+    "migrate_small_guest.py": "verified True",
+    "record_and_replay.py": "VERIFIED",
+    "sansio_roundtrip.py": "ended cleanly",
+    "two_processes.py": "'child' migrated",
+}
+
+
+def test_every_example_is_checked():
+    assert sorted(p.name for p in EXAMPLES) == sorted(SAYS)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -20,3 +34,4 @@ def test_example_runs(path):
     proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+    assert SAYS[path.name] in proc.stdout

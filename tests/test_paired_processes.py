@@ -284,3 +284,52 @@ def test_a_stopped_guest_times_out_without_stalling_another(tmp_path):
     assert reports["other"]["status"] == "migrated" and reports["other"]["migration"]["verified"]
     assert reports["frozen"]["status"] == "failed" and "did not answer" in reports["frozen"]["reason"]
     assert rc == 1
+
+
+def test_each_side_decides_its_own_options_and_says_what_it_ignores(tmp_path):
+    env = _env(tmp_path)
+    addr = _address("unix", tmp_path)
+    # the same options given to both: size and workload are the guest's, bandwidth the host's
+    both = ["--size", "1G", "--workload", "idle", "--bandwidth", "40"]
+    host = Proc(["host", "--listen", addr, "--guests", "1", "--json", *both], env)
+    host.wait_line("--size, --workload are decided by the guest; ignored here")
+    _wait_listening(addr, tmp_path, host)
+    guest = Proc(["guest", "--connect", addr, "--name", "g", "--size", SIZE, "--bandwidth", "1"], env)
+    rc, _, gerr = guest.finish()
+    assert rc == 0 and "--bandwidth is decided by the host; ignored here" in gerr
+    rc, out, _ = host.finish()
+    [rep] = map(json.loads, out.splitlines())
+    assert rep["config"]["pages"] == 64 * 256 and rep["config"]["workload"] == "churn"  # the guest's
+    assert rep["config"]["bandwidth_gbit"] == 40.0  # the host's
+    assert rep["config"]["wp"] == "sim" and rep["wp"]["backend"] == "sim" and rep["wp"]["guest_ram"] == "shared"
+
+
+def test_a_second_host_on_a_live_socket_is_refused_and_costs_no_guest_id(tmp_path):
+    env = _env(tmp_path)
+    addr = _address("unix", tmp_path)
+    first = Proc(["host", "--listen", addr, "--guests", "1", "--json", "--bandwidth", "40"], env)
+    _wait_listening(addr, tmp_path, first)
+    second = subprocess.run([sys.executable, "-m", "hintpipe", "host", "--listen", addr], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert second.returncode == 2 and "another process" in second.stderr and "Traceback" not in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    rc, _, err = _guest(addr, env, "g").finish()
+    assert rc == 0, err
+    rc, out, _ = first.finish()
+    [rep] = map(json.loads, out.splitlines())
+    assert rep["guest"]["id"] == 1 and rep["status"] == "migrated"
+
+
+def test_ctrl_c_stops_a_guest_with_130_and_a_host_with_guests_left_with_130(tmp_path):
+    env = _env(tmp_path)
+    addr = _address("unix", tmp_path)
+    host = Proc(["host", "--listen", addr, "--guests", "2", "--json", "--bandwidth", "0.5"], env)
+    _wait_listening(addr, tmp_path, host)
+    guest = _guest(addr, env, "g")
+    host.wait_line("'g' connected")
+    guest.p.send_signal(signal.SIGINT)
+    rc, _, gerr = guest.finish(timeout=30)
+    assert rc == 130 and "Traceback" not in gerr and "interrupted by SIGINT" in gerr
+    host.p.send_signal(signal.SIGINT)
+    rc, _, herr = host.finish(timeout=30)
+    assert rc == 130 and "Traceback" not in herr and "SIGINT, shutting down" in herr

@@ -253,15 +253,25 @@ async def open_listener(addr: Address, backlog: int = 64):
     if addr.kind in ("unix", "shm"):
         _prepare_unix_path(addr)
     sock = None
+    tmp = addr.socket_path
     try:
         if addr.kind in ("unix", "shm"):
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # bound under a temporary name and renamed once listening, so whoever sees the path
+            # can connect at once (no window between bind and listen); direct if too long
+            path = addr.socket_path
+            tmp = f"{path}.{os.getpid()}.tmp"
+            if len(os.fsencode(tmp)) > 107:
+                tmp = path
             old = os.umask(0o177)  # the socket file is created 0600: only this user may connect
             try:
-                await sock.bind(addr.socket_path)
+                await sock.bind(tmp)
             finally:
                 os.umask(old)
-            os.chmod(addr.socket_path, 0o600)
+            os.chmod(tmp, 0o600)
+            sock.listen(backlog)
+            if tmp != path:
+                os.rename(tmp, path)
         else:
             try:
                 infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
@@ -271,10 +281,15 @@ async def open_listener(addr: Address, backlog: int = 64):
             sock = trio.socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             await sock.bind(sockaddr)
-        sock.listen(backlog)
+            sock.listen(backlog)
     except OSError as e:
         if sock is not None:
             sock.close()
+            if addr.kind in ("unix", "shm") and tmp != addr.socket_path:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
         why = {errno.EADDRINUSE: "the address is in use (another hintpipe host?); choose another port or stop it",
                errno.EACCES: "permission denied; choose another address (ports below 1024 need root)",
                errno.EADDRNOTAVAIL: "no interface of this machine has that address"}.get(

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from hintpipe.choices import MEMORY_KINDS, WP_CHOICES
 from hintpipe.cli.options import (
-    CommandFailed, UsageError, add_guest_options, add_link_options, add_migration_options,
+    NO_BASELINE_HELP, CommandFailed, UsageError, add_guest_options, add_link_options, add_migration_options,
     add_output_options, add_walker_options, command_parser, run_config_from, show_progress,
 )
 
@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "always sim with --memory sim), sim (simulated faults), uffd (sync "
                         "userfaultfd), uffd-async (WP_ASYNC + PAGEMAP_SCAN), off (none: loses pages)")
     add_output_options(d, charts=True)
-    d.add_argument("--no-baseline", action="store_true", help="skip the migration without hinting")
+    d.add_argument("--no-baseline", action="store_true", help=NO_BASELINE_HELP)
     d.set_defaults(func=cmd_demo)
 
 

@@ -25,13 +25,15 @@ from hintpipe.choices import MEMORY_KINDS, RACE_MODES, WORKLOADS, WP_CHOICES
 
 __all__ = ["UsageError", "CommandFailed", "version_text", "command_parser", "parse_size", "int_in",
            "float_at_least", "add_guest_options", "add_walker_options", "add_link_options",
-           "add_migration_options", "add_output_options", "add_memory_options", "warn_other_side",
+           "add_migration_options", "add_output_options", "SEED_HELP", "NO_BASELINE_HELP", "add_memory_options", "warn_other_side",
            "run_config_from", "paired_config", "address_from", "secret_from", "show_progress",
            "GUEST_DECIDES", "HOST_DECIDES"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 MIN_GUEST_BYTES = 4 << 20
+SEED_HELP = "seed of the guest's random choices (default 1): same seed, same run"
+NO_BASELINE_HELP = "skip the second run, without hinting, that the figures are compared with"
 
 
 class UsageError(Exception):
@@ -162,7 +164,7 @@ def add_guest_options(p: argparse.ArgumentParser, *, hidden: bool = False) -> No
     add("--size", type=parse_size, metavar="SIZE", help="guest RAM: 4G (default), 512M, 1T ... (4 KiB pages)")
     add("--workload", choices=WORKLOADS,
         help="churn: allocations, frees and rewrites (default); idle: resident memory and a trickle of writes")
-    add("--seed", type=int, help="seed of the workload's random choices (default 1): same seed, same run")
+    add("--seed", type=int, help=SEED_HELP)
     add("--ops-per-s", type=float_at_least(0), metavar="N",
         help="churn: allocations + frees per second of guest time (default 10000)")
     add("--writes-per-s", type=float_at_least(0), metavar="N",

@@ -7,7 +7,7 @@ import json
 import shutil
 
 from hintpipe.cli.options import (
-    UsageError, add_link_options, add_migration_options, add_output_options, add_walker_options,
+    NO_BASELINE_HELP, SEED_HELP, UsageError, add_link_options, add_migration_options, add_output_options, add_walker_options,
     command_parser, float_at_least, int_in, migration_config_from, show_progress,
 )
 
@@ -36,12 +36,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--write-rate", type=float_at_least(0), default=0.0, metavar="PAGES_PER_S",
                    help="extra writes to allocated pages per second of trace (default 0: allocations "
                         "are the only writes)")
-    w.add_argument("--seed", type=int, default=None, help="seed of the extra writes' choice of pages (default 1)")
+    w.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     add_link_options(r)
     add_migration_options(r)
     add_output_options(r, charts=True)
     r.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
-    r.add_argument("--no-baseline", action="store_true", help="skip the replay without hinting")
+    r.add_argument("--no-baseline", action="store_true", help=NO_BASELINE_HELP)
     r.set_defaults(func=cmd_replay)
 
     i = command_parser(

@@ -119,10 +119,12 @@ class AsyncUffdBackend(WpBackend):
         self._collect(self.tracker.written_in(start, stop))
 
     def stats(self) -> dict:
-        """Written pages found by scans (arming pass excluded), protecting calls, scans."""
+        """``faults``: first writes per round, as the page state counts them for every backend;
+        ``written_found``: written pages the scans reported (arming pass excluded; a page written
+        again after a scan re-protected it is found again); protecting calls; scans."""
         s = self.tracker.stats()
-        return {"backend": self.name, "faults": s["faults"], "protect_calls": s["protect_calls"],
-                "scans": s["scans"]}
+        return {"backend": self.name, "faults": self.state.faults, "written_found": s["faults"],
+                "protect_calls": s["protect_calls"], "scans": s["scans"]}
 
     def close(self) -> None:
         """Close the pagemap fd (the uffd belongs to the caller)."""
