@@ -33,7 +33,7 @@ class Task:
         and optionally a new total or description."""
 
     def close(self) -> None:
-        """The work is over: remove the task from the display."""
+        """The work is over: remove the task from the display (again: nothing happens)."""
 
 
 class Progress:
@@ -55,6 +55,8 @@ class _RichTask(Task):
         self._done = 0.0
 
     def update(self, completed=None, *, total=None, description=None) -> None:
+        if self._id is None:  # closed: late updates change nothing
+            return
         kw = {}
         if total is not None:
             kw["total"] = total
@@ -70,7 +72,9 @@ class _RichTask(Task):
             self._bar.update(self._id, **kw)
 
     def close(self) -> None:
-        self._bar.remove_task(self._id)
+        if self._id is not None:
+            self._bar.remove_task(self._id)
+            self._id = None
 
 
 class _RichProgress(Progress):

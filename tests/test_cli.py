@@ -382,3 +382,22 @@ def test_ctrl_c_during_record_of_a_command_keeps_no_partial_recording(tmp_path):
     # a recording cut short is still whole (end snapshots taken): it is kept, and says so
     assert "stopped by Ctrl-C" in stdout and (out / "buddyinfo.end").exists()
     assert not (tmp_path / "rec.part").exists()
+
+
+@needs_bar
+def test_replay_runs_to_its_end_on_a_terminal(tmp_path):
+    rc, out, screen = Terminal(hintpipe("replay", str(SHIPPED), "--no-baseline")).finish(timeout=120)
+    assert rc == 0 and "VERIFIED" in out and "Traceback" not in screen and "error" not in screen
+    assert "events" in screen and "round" in screen
+
+
+def test_a_closed_task_ignores_late_updates():
+    pytest.importorskip("rich")
+    from hintpipe.progress import open_progress
+
+    with open_progress(True) as progress:  # drawn to the test's stderr: harmless
+        task = progress.task("x", total=10, unit="things")
+        task.update(5)
+        task.close()
+        task.update(7)
+        task.close()
