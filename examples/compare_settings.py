@@ -21,7 +21,7 @@ def run_demos(folder: Path) -> list[Path]:
     for batch, min_order in ((4, 9), (32, 9), (512, 9), (32, 0)):
         out = folder / f"batch{batch}-order{min_order}.json"
         with open(out, "w") as f:
-            subprocess.run([sys.executable, "-m", "hintpipe", "demo", "--size", "256M", "--json", "--workload", "idle",
+            subprocess.run([sys.executable, "-m", "hintpipe", "demo", "--size", "128M", "--json", "--workload", "idle",
                             "--batch", str(batch), "--min-order", str(min_order)], stdout=f, check=True)
         files.append(out)
     return files

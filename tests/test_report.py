@@ -76,7 +76,7 @@ def test_demo_progress_comes_from_the_engines_rounds_and_chunks():
 
 def test_replay_progress_follows_the_trace_position():
     rec = Recorder()
-    out = replay_outcome(open_trace(SLICE), RunConfig.for_replay(migration=MigrationConfig(bandwidth_gbit=1.0)),
+    out = replay_outcome(open_trace(SLICE), RunConfig.for_replay(migration=MigrationConfig(bandwidth_gbit=100.0), baseline=False),
                          progress=rec)
     reading, events = rec.tasks[0], next(t for t in rec.tasks if t.descriptions[0] == "with hinting: trace events")
     assert reading.updates[-1] == out.report["trace"]["events"] == events.total
@@ -162,8 +162,8 @@ def test_renderer_puts_several_runs_side_by_side(tmp_path):
 
     from hintpipe.charts import write_html
 
-    a = replace(demo_outcome(CFG), label="batch 32")
-    b = replace(demo_outcome(RunConfig(pages=1 << 14, batch=4)), label="batch 4")
+    a = replace(demo_outcome(RunConfig(pages=1 << 12)), label="batch 32")
+    b = replace(demo_outcome(RunConfig(pages=1 << 12, batch=4)), label="batch 4")
     page = write_html([a, b], tmp_path / "cmp.html").read_text()
     assert_self_contained(page)
     assert "<th>batch 32</th><th>batch 4</th>" in page
