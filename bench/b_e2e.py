@@ -209,7 +209,7 @@ def run_pair(transport: str, mode: str, *, pages: int, n_blocks: int, runs: int,
         buf = bytearray(1 << 20)
         times, last = [], (0, 0, 0)
         for i in range(warmup + runs):
-            state.skip[:] = False
+            state.clear_skip()
             dec = FrameDecoder()
             t0 = time.perf_counter()
             host_sock.sendall(b"G")
@@ -294,7 +294,7 @@ def run_shm(mode: str, *, pages: int, n_blocks: int, runs: int, event_idx: bool 
                 await ep.receive()  # "R": the guest finished its setup
                 last = (0, 0, 0)
                 for i in range(warmup + runs):
-                    state.skip[:] = False
+                    state.clear_skip()
                     dec = FrameDecoder()
                     t0 = time.perf_counter()
                     await ep.send_frame(b"G")
@@ -384,7 +384,7 @@ def inproc_link(n_blocks: int, pages: int, event_idx: bool, queue_size: int = 25
 
     times = []
     for i in range(runs + 1):
-        state.skip[:] = False
+        state.clear_skip()
         dt = trio.run(one)
         if i:
             times.append(dt)

@@ -23,6 +23,7 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 import trio
 
+from hintpipe.host.pagebits import PageBits
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
 from hintpipe.progress import MigrationObserver
@@ -187,10 +188,11 @@ class MigrationEngine:
         st = self.state
         cfg = self.cfg
         n = st.page_count
-        to_send = st.dirty
         t0 = trio.current_time()
-        free_start = self.free_mask().copy() if live else None
-        skipped_mask = np.zeros(n, dtype=bool) if live else None
+        # one bit a page (the page state's representation): the free mask when the round began
+        # and the pages it skipped, for skip efficiency
+        free_start = PageBits.from_mask(self.free_mask()) if live else None
+        skipped_pages = PageBits(n) if live else None
         sent = skipped = 0
         chunk = cfg.chunk_for(n)
         for o in self.observers:
@@ -202,12 +204,13 @@ class MigrationEngine:
             b = min(n, a + chunk)
             if self.before_chunk is not None and live:
                 await self.before_chunk(a, b)
-            want = to_send[a:b]
-            skip = want & st.skip[a:b]
-            go = np.flatnonzero(want & ~st.skip[a:b]) + a
+            want = st.dirty_in(a, b)
+            in_skip = st.skip_in(a, b)
+            skip = want & in_skip
+            go = np.flatnonzero(want & ~in_skip) + a
             nskip = int(np.count_nonzero(skip))
-            if nskip and skipped_mask is not None:
-                skipped_mask[a:b] |= skip
+            if nskip and skipped_pages is not None:
+                skipped_pages.add_mask(a, skip)
             if len(go):
                 self.dest[go] = self.read_source(go)
                 sent += len(go)
@@ -222,15 +225,15 @@ class MigrationEngine:
         await trio.sleep_until(link_free_at)  # the round ends when its last page is on the wire
         if self.before_chunk is not None and live:
             await self.before_chunk(0, n)  # round end: every write so far is in ``written``
-        rep = RoundReport(index, int(np.count_nonzero(to_send)), sent, skipped, trio.current_time() - t0, hinted)
+        rep = RoundReport(index, st.count_dirty(), sent, skipped, trio.current_time() - t0, hinted)
         if live:
             fm = self.free_mask()
             # chunked: four whole-guest temporaries here were the peak of a 2**28-page run
             for a in range(0, n, STATS_CHUNK_PAGES):
                 b = min(n, a + STATS_CHUNK_PAGES)
-                stayed = free_start[a:b] & fm[a:b] & ~st.written[a:b] & to_send[a:b]
+                stayed = free_start.get(a, b) & fm[a:b] & ~st.written_in(a, b) & st.dirty_in(a, b)
                 rep.stayed_free += int(np.count_nonzero(stayed))
-                rep.stayed_free_skipped += int(np.count_nonzero(stayed & skipped_mask[a:b]))
+                rep.stayed_free_skipped += int(np.count_nonzero(stayed & skipped_pages.get(a, b)))
         for o in self.observers:
             o.round_ended(self, rep)
         return rep
@@ -248,7 +251,7 @@ class MigrationEngine:
             if hinted:
                 await self._hint_stop()
             res.round_reports.append(rep)
-            remaining = int(np.count_nonzero(st.written & ~st.skip))
+            remaining = st.count_written_unskipped()
             if cfg.seconds_for(remaining) * 1e3 <= cfg.downtime_ms:
                 res.converged = True
                 break

@@ -100,7 +100,7 @@ class Timeline(MigrationObserver):
     def _sample(self, engine, index: int, sent: int, skipped: int) -> None:
         t = time.perf_counter()
         free = self.free_pages() if self.free_pages is not None else int(np.count_nonzero(engine.free_mask()))
-        hinted = int(np.count_nonzero(engine.state.skip))
+        hinted = engine.state.count_skip()
         if self._n == self.capacity:  # full: keep every other row, sample chunks half as often
             kept = self._rows[: self._n : 2].copy()
             self._n = len(kept)
