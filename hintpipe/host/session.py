@@ -1,9 +1,10 @@
 """Host side of one guest connection: handshake, hint consumption, round control.
 
 The session owns the :class:`HostConnection` state machine and the guest's
-:class:`HostPageState`. Its ``serve`` task reads frames, applies hints under the active command
-id to the skip bitmap, acks every hint frame (stale ones too: credits), records round ends and
-answers write faults. The counts of what the guest sent are the connection's
+:class:`HostPageState`. Its ``serve`` task reads frames, stages hints under the active command
+id for the skip bitmap (the page state applies staged hints together, always within their round),
+acks every hint frame (stale ones too: credits) with one ``Ack(count)`` for all the frames handled
+each time its receive buffer runs dry, records round ends and answers write faults. The counts of what the guest sent are the connection's
 (``conn.hints_frames``, ``conn.stale_frames``, ...); what hints did to the bitmap, the page
 state's.
 Anything the guest gets wrong ends in a protocol error sent to the guest, a clean close, and
@@ -92,6 +93,9 @@ class HostSession:
             ev = self.conn.next_event()
             if ev is not None:
                 return ev
+            if self.conn.unacked:
+                # every frame received so far is handled: one Ack returns all their credits
+                await self._send(self.conn.ack(self.conn.unacked))
             data = await self.endpoint.receive()
             if not data:
                 raise GuestGone("guest closed the connection")
@@ -121,10 +125,9 @@ class HostSession:
 
     async def _handle(self, ev) -> None:
         if isinstance(ev, Hints):
-            self.state.apply_blocks(ev.ranges[:, 0], ev.orders)
-            await self._ack()
+            self.state.stage_blocks(ev.ranges[:, 0], ev.orders)  # acked once the buffer is drained
         elif isinstance(ev, StaleHints):
-            await self._ack()
+            pass  # dropped; acked with the others
         elif isinstance(ev, RoundEnd):
             self._round_end.set()
         elif isinstance(ev, Fault):
@@ -140,9 +143,6 @@ class HostSession:
     async def answer_fault(self, seq: int) -> None:
         """Release the guest writer waiting on Fault ``seq`` (FaultDone)."""
         await self._send(self.conn.fault_done(seq))
-
-    async def _ack(self) -> None:
-        await self._send(self.conn.ack(1))
 
     async def start_round(self) -> int:
         """Publish a new command id (never reused) and return it."""
