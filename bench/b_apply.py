@@ -7,7 +7,7 @@ the whole guest (about 9.3 M pages, 55 % of it). The main figure feeds them, as
 (top order first, ascending pfn) to ``HostPageState.apply_blocks`` in one call; a shuffled copy is
 the worst case (the kernel's free lists are in no order). Frames: the first 200 k blocks cut into
 frames of 32 (the walker's default batch) and fed as the host session does, staged frame by frame
-(``stage_blocks``) and applied together (``flush``); beside it, one ``apply_blocks`` call per
+(``stage_hints``) and applied together (``flush``); beside it, one ``apply_blocks`` call per
 frame.
 
 Yardsticks in the same run: a C loop doing the same marking on the same bitmaps
@@ -187,15 +187,15 @@ def run(quick: bool = True, n_blocks: int = N_BLOCKS, pages: int = PAGES) -> dic
     out["bulk_shuffled"] = {**t, "mranges_per_s": rate(n, t)}
     # frames of 32 as the session receives them: staged one by one, applied together
     m = min(n, FRAMES_BLOCKS)
-    frames = [(starts[i:i + FRAME], orders[i:i + FRAME]) for i in range(0, m, FRAME)]
+    frames = [(ranges[i:i + FRAME], starts[i:i + FRAME], orders[i:i + FRAME]) for i in range(0, m, FRAME)]
 
     def staged():
-        for s, o in frames:
-            state.stage_blocks(s, o)
+        for r, _, _ in frames:
+            state.stage_hints(r)
         state.flush()
 
     def one_call_each():
-        for s, o in frames:
+        for _, s, o in frames:
             state.apply_blocks(s, o)
 
     t = timeit(staged, repeat=repeat, setup=reset)

@@ -118,7 +118,7 @@ class HintingMachine(RuleBasedStateMachine):
         assert isinstance(ev, (Hints, StaleHints))
         if isinstance(ev, Hints):
             if self.staged:
-                self.state.stage_blocks(ev.ranges[:, 0], ev.orders)
+                self.state.stage_hints(ev.ranges)
             else:
                 self.state.apply_hints(ev.ranges)
         self.guest.receive_data(self.host.ack(1))

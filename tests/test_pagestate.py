@@ -144,7 +144,7 @@ def test_staged_frames_equal_per_range_loop(seed, frames, per_frame, repeat):
         if repeat and sent and rng.random() < 0.5:
             pick = sent[-1]  # the previous frame again
         sent.append(pick)
-        state.stage_blocks(pfns[pick], orders[pick])
+        state.stage_hints(np.column_stack((pfns[pick], np.uint64(1) << orders[pick].astype(np.uint64))))
     assert state.staged_blocks == sum(len(p) for p in sent) < HostPageState.STAGE_RANGES
     all_ranges = np.concatenate([np.column_stack((pfns[p], np.uint64(1) << orders[p].astype(np.uint64)))
                                  for p in sent])
@@ -158,7 +158,7 @@ def test_staging_applies_on_its_own_when_full():
     state.begin_first_round()
     starts = np.arange(0, HostPageState.STAGE_RANGES, dtype=np.uint64) * 8
     for i in range(0, len(starts), 32):
-        state.stage_blocks(starts[i:i + 32], np.full(32, 3, dtype=np.uint8))
+        state.stage_hints(np.column_stack((starts[i:i + 32], np.full(32, 8, dtype=np.uint64))))
     assert state.staged_blocks == 0  # the last frame reached the bound
     assert state.pages_marked == 8 * HostPageState.STAGE_RANGES
 
@@ -171,7 +171,7 @@ def test_fault_between_staging_and_applying_is_refused(invalidate):
     ``written`` first. With the guard off the page is skipped: a lost write."""
     state = HostPageState(64, invalidate=invalidate)
     state.begin_first_round()
-    state.stage_blocks(np.array([8], dtype=np.uint64), np.array([3], dtype=np.uint8))  # pages 8..15
+    state.stage_hints(np.array([[8, 8]], dtype=np.uint64))  # pages 8..15
     assert state.on_written(np.array([11])) == 1
     assert state.staged_blocks == 1  # not applied by the fault
     skip = state.skip_in()  # applies it
@@ -185,7 +185,7 @@ def test_round_end_applies_staged_hints_in_their_round():
     a hint would meet an empty ``written`` and skip a page written after its walk."""
     state = HostPageState(64)
     state.begin_first_round()
-    state.stage_blocks(np.array([0], dtype=np.uint64), np.array([3], dtype=np.uint8))
+    state.stage_hints(np.array([[0, 8]], dtype=np.uint64))
     state.on_written(np.array([2]))
     state.begin_round()
     assert state.staged_blocks == 0

@@ -80,7 +80,7 @@ class PageBits:
     def count(self, start: int = 0, stop: int | None = None) -> int:
         """Pages in the set (within ``[start, stop)``)."""
         if start == 0 and stop is None:
-            return int(np.bitwise_count(self.bytes.view(np.uint64)).sum())
+            return popcount(self.bytes)
         return int(np.count_nonzero(self.get(start, stop)))
 
     def add(self, pfns: np.ndarray) -> None:
@@ -99,6 +99,17 @@ class PageBits:
     def swap(self, other: "PageBits") -> None:
         """Exchange contents with ``other`` (same page count) without copying."""
         self.bytes, other.bytes = other.bytes, self.bytes
+
+
+def popcount(a: np.ndarray) -> int:
+    """Set bits in the contiguous unsigned integer array ``a``, counted eight bytes at a time
+    (summing one small count per byte is several times slower)."""
+    b = a.reshape(-1).view(np.uint8)
+    n = len(b) & ~7
+    c = int(np.bitwise_count(b[:n].view(np.uint64)).sum(dtype=np.int64)) if n else 0
+    if n < len(b):
+        c += int(np.bitwise_count(b[n:]).sum(dtype=np.int64))
+    return c
 
 
 def distinct_pfns(pfns: np.ndarray) -> np.ndarray:
@@ -122,7 +133,8 @@ def bit_masks(starts: np.ndarray, order: int = 0) -> tuple[np.ndarray, np.ndarra
     ``np.bitwise_or.at``); otherwise the OR/AND forms must be used.
     """
     distinct = len(starts) < 2 or bool((starts[1:] > starts[:-1]).all())
-    return starts >> 3, np.left_shift(_LOW[order], (starts & 7).astype(np.uint8)), distinct
+    pos = np.bitwise_and(starts, 7, dtype=np.uint8, casting="unsafe")  # one pass, no int64 temporary
+    return starts >> 3, np.left_shift(_LOW[order], pos), distinct
 
 
 # The bits of a block of 1, 2, 4 or 8 pages at bit 0 of a byte.

@@ -125,7 +125,7 @@ class HostSession:
 
     async def _handle(self, ev) -> None:
         if isinstance(ev, Hints):
-            self.state.stage_blocks(ev.ranges[:, 0], ev.orders)  # acked once the buffer is drained
+            self.state.stage_hints(ev.ranges)  # acked once the buffer is drained
         elif isinstance(ev, StaleHints):
             pass  # dropped; acked with the others
         elif isinstance(ev, RoundEnd):
