@@ -25,19 +25,55 @@ TICK_S = 0.02
 
 
 def one_size(pages: int, tick_s: float = TICK_S) -> dict:
-    """Child body: one idle hinted migration of ``pages`` pages; the figures the table needs."""
-    from hintpipe.guest.workload import WorkloadConfig
-    from hintpipe.config import RunConfig
-    from hintpipe.inprocess import run_demo
+    """Child body: one idle hinted migration of ``pages`` pages; the figures the table needs, and
+    what each per-page structure holds at the end (nominal and resident bytes per page)."""
+    import trio
+    import trio.testing
 
-    t0 = time.perf_counter()
-    r = run_demo(RunConfig(pages=pages, workload=WorkloadConfig.idle(tick_s=tick_s), baseline=False))
-    wall = time.perf_counter() - t0
-    m = r["migration"]
-    return {"pages": pages, "gib": pages * 4096 / 2**30, "wall_s": wall, "tick_s": tick_s,
-            "pages_sent": m["pages_sent"], "pages_skipped": m["pages_skipped"], "rounds": m["rounds"],
-            "lost_pages": m["lost_pages"], "virtual_time_s": m["time_s"],
-            "hint_messages": r["hints"]["messages"], "hint_ranges": r["hints"]["ranges"]}
+    from hintpipe.config import RunConfig
+    from hintpipe.guest.workload import WorkloadConfig
+    from hintpipe.inprocess import migrate_guest
+    from hintpipe.progress import MigrationObserver
+
+    from common import resident_bytes
+
+    class Keep(MigrationObserver):
+        """Keeps the engine (its destination is a per-page structure) and times the rounds."""
+
+        def __init__(self) -> None:
+            self.engine = None
+            self.rounds: list[float] = []
+            self.t_first = None
+
+        def round_started(self, engine, index, live) -> None:
+            self.engine = engine
+            self.rounds.append(time.perf_counter())
+
+    keep = Keep()
+    cfg = RunConfig(pages=pages, workload=WorkloadConfig.idle(tick_s=tick_s), baseline=False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    run = trio.run(lambda: migrate_guest(cfg, hinting=True, observers=(keep,)),
+                   clock=trio.testing.MockClock(autojump_threshold=0))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    m = run.result
+    structures = {
+        "guest: buddy head (order + 1)": run.alloc.head,
+        "guest: buddy meta (migratetype, flags)": run.alloc.meta,
+        "guest: free mask": run.alloc.free_mask,
+        "guest: page versions": run.memory.versions,
+        "host: destination copy": keep.engine.dest,
+        **{f"host: page state {k}": a for k, a in run.state.arrays().items()},
+    }
+    per_page = {k: {"bytes_per_page": a.nbytes / pages, "resident_bytes_per_page": resident_bytes(a) / pages}
+                for k, a in structures.items()}
+    per_page["host: engine round sets (free at start, skipped; freed after each round)"] = {
+        "bytes_per_page": 2 / 8, "resident_bytes_per_page": None}
+    return {"pages": pages, "gib": pages * 4096 / 2**30, "wall_s": wall, "cpu_s": cpu, "tick_s": tick_s,
+            "setup_s": keep.rounds[0] - t0 if keep.rounds else None,
+            "pages_sent": m.pages_sent, "pages_skipped": m.pages_skipped, "rounds": m.rounds,
+            "lost_pages": m.lost_pages, "virtual_time_s": m.time_s,
+            "hint_messages": run.session.conn.hints_frames, "hint_ranges": run.session.conn.hints_ranges,
+            "structures": per_page}
 
 
 def run(quick: bool = True, sizes: tuple[int, ...] | None = None) -> dict:

@@ -222,3 +222,30 @@ def test_pagebits_ranges_and_counts():
     assert np.array_equal(bits.get(), want)
     full = PageBits(5000, fill=True)
     assert full.count() == 5000 and full.get().all()
+
+
+@pytest.mark.parametrize("n", [4096, 4093])
+def test_send_set_and_stayed_free_equal_bool_reference(n):
+    """The engine's per-chunk view (bytes when aligned, unpacked otherwise) against bool arrays."""
+    rng = np.random.default_rng(n)
+    state = HostPageState(n)
+    state.begin_first_round()
+    state.on_written(np.flatnonzero(rng.random(n) < 0.3))
+    state.begin_round()  # dirty: those pages
+    mark_pages(state, np.flatnonzero(rng.random(n) < 0.4))
+    state.on_written(np.flatnonzero(rng.random(n) < 0.1))
+    dirty, skip, written = state.dirty_in(), state.skip_in(), state.written_in()
+    free_start = rng.random(n) < 0.5
+    free_now = free_start & (rng.random(n) < 0.8)
+    start_bits = PageBits.from_mask(free_start)
+    for bounds in ([0, 1024, 2048, n], [0, 3, 1000, 1001, n]):
+        skipped = PageBits(n)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            go, nskip = state.send_set(a, b, skipped)
+            assert go.tolist() == (np.flatnonzero(dirty[a:b] & ~skip[a:b]) + a).tolist()
+            assert nskip == int(np.count_nonzero(dirty[a:b] & skip[a:b]))
+        assert np.array_equal(skipped.get(), dirty & skip)
+        stayed_ref = free_start & free_now & ~written & dirty
+        got = [state.stayed_free(a, a + 1024, start_bits, free_now[a:a + 1024], skipped) for a in range(0, n, 1024)]
+        assert sum(g[0] for g in got) == int(stayed_ref.sum())
+        assert sum(g[1] for g in got) == int((stayed_ref & dirty & skip).sum())

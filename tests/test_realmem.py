@@ -82,7 +82,7 @@ def test_oracle_counts_byte_differences_in_chunks(monkeypatch):
     """The engine's verify on (n, 512) pages: one flipped byte is one lost page."""
     import hintpipe.host.migration as mig
 
-    monkeypatch.setattr(mig, "VERIFY_CHUNK_PAGES", 7)  # force several chunks
+    monkeypatch.setattr(mig, "VERIFY_CHUNK_BYTES", 7 * 4096)  # force several chunks (7 pages each)
     with RealMachine(TINY, "off") as m:
         write_pages_nogil(m.guest, np.arange(TINY), 1)
         state = HostPageState(TINY)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from hintpipe.linux.memfd import CHUNK_PAGES, WORDS_PER_PAGE, GuestRam, write_pages_nogil
+from hintpipe.units import distinct
 from hintpipe.wp.base import UNTRACKED, WriteTracker
 
 
@@ -50,7 +51,7 @@ class RealGuestMemory(GuestMemory):
         if len(pfns) == 0:
             return
         await self.tracker.before_write(pfns)
-        pfns = np.unique(np.asarray(pfns, dtype=np.int64))
+        pfns = distinct(pfns)
         self.versions[pfns] += 1
         write_pages_nogil(self.ram, pfns, self.versions[pfns], self._scratch)
         self.pages_written += len(pfns)

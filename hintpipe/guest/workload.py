@@ -18,10 +18,14 @@ import trio
 from hintpipe.guest.buddy import BuddyAllocator, MigrateType
 from hintpipe.guest.memory import GuestMemory
 from hintpipe.guest.zonelock import ZoneLock
-from hintpipe.units import MAX_ORDER, block_pages
+from hintpipe.units import MAX_ORDER, block_pages, distinct
 
 # mostly small allocations, a few huge-page sized ones: about 8 pages written per allocation
 DEFAULT_ORDER_MIX = ((0, 0.6), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.09), (9, 0.01))
+
+
+BOOT_WRITE_BLOCKS = 1024
+"""Max-order blocks the boot writes per step (4 Mi pages: bounded temporaries)."""
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,11 @@ class Workload:
         async with self.zone.allocator():
             heads = self.alloc.alloc_bulk(n, MAX_ORDER)
         self._static = np.asarray(heads, dtype=np.int64)
-        if len(self._static):
-            pages = block_pages(self._static, np.full(len(self._static), MAX_ORDER))
+        # a slice of blocks at a time: the pages of all of them as one int64 array (and the
+        # temporaries that expand it) were gigabytes for a 2**30-page guest
+        for i in range(0, len(self._static), BOOT_WRITE_BLOCKS):
+            heads = self._static[i:i + BOOT_WRITE_BLOCKS]
+            pages = block_pages(heads, np.full(len(heads), MAX_ORDER))
             await self.memory.write(pages)
             self.stats.pages_written += len(pages)
 
@@ -241,6 +248,6 @@ class Workload:
             order = self._bord[idx].astype(np.int64)
             parts.append(pfn + (rng.integers(1 << 30, size=n_churn) & ((1 << order) - 1)))
         if parts:
-            pages = np.unique(np.concatenate(parts))
+            pages = distinct(np.concatenate(parts))
             await self.memory.write(pages)
             self.stats.pages_written += len(pages)

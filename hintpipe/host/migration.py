@@ -30,7 +30,7 @@ from hintpipe.progress import MigrationObserver
 from hintpipe.units import PAGE_SIZE
 
 
-VERIFY_CHUNK_PAGES = 4096  # pages compared per step by the oracle (16 MiB of real memory)
+VERIFY_CHUNK_BYTES = 16 << 20  # destination bytes compared per step by the oracle (4096 real pages)
 STATS_CHUNK_PAGES = 1 << 18  # pages per step of whole-guest statistics (bounded temporaries)
 LINK_SLACK_S = 0.001  # link time the sender may run ahead of the clock before it sleeps
 
@@ -59,7 +59,7 @@ class MigrationConfig:
         """Pages sent per link step: small enough that hints arriving mid-round still help."""
         if self.chunk_pages:
             return self.chunk_pages
-        return min(65536, max(256, pages >> 10))
+        return min(65536, max(256, pages >> 10)) & ~255  # whole bytes of the page state's bitmaps
 
     def seconds_for(self, pages: int) -> float:
         """Link time to move ``pages`` pages."""
@@ -204,13 +204,7 @@ class MigrationEngine:
             b = min(n, a + chunk)
             if self.before_chunk is not None and live:
                 await self.before_chunk(a, b)
-            want = st.dirty_in(a, b)
-            in_skip = st.skip_in(a, b)
-            skip = want & in_skip
-            go = np.flatnonzero(want & ~in_skip) + a
-            nskip = int(np.count_nonzero(skip))
-            if nskip and skipped_pages is not None:
-                skipped_pages.add_mask(a, skip)
+            go, nskip = st.send_set(a, b, skipped_pages)
             if len(go):
                 self.dest[go] = self.read_source(go)
                 sent += len(go)
@@ -230,10 +224,10 @@ class MigrationEngine:
             fm = self.free_mask()
             # chunked: four whole-guest temporaries here were the peak of a 2**28-page run
             for a in range(0, n, STATS_CHUNK_PAGES):
-                b = min(n, a + STATS_CHUNK_PAGES)
-                stayed = free_start.get(a, b) & fm[a:b] & ~st.written_in(a, b) & st.dirty_in(a, b)
-                rep.stayed_free += int(np.count_nonzero(stayed))
-                rep.stayed_free_skipped += int(np.count_nonzero(stayed & skipped_pages.get(a, b)))
+                stayed, stayed_skipped = st.stayed_free(a, a + STATS_CHUNK_PAGES, free_start, fm[a:a + STATS_CHUNK_PAGES],
+                                                        skipped_pages)
+                rep.stayed_free += stayed
+                rep.stayed_free_skipped += stayed_skipped
         for o in self.observers:
             o.round_ended(self, rep)
         return rep
@@ -276,7 +270,8 @@ class MigrationEngine:
         """The oracle: count allocated pages whose destination content differs from the source."""
         fm = self.free_mask()
         lost = n_allocated = 0
-        step = VERIFY_CHUNK_PAGES  # chunked: real-memory pages are 4 KiB each, keep memory bounded
+        # chunked: real-memory pages are 4 KiB each, keep memory bounded (a version is 4 bytes)
+        step = max(1, VERIFY_CHUNK_BYTES // (self.dest.nbytes // max(1, len(self.dest))))
         # the allocated pfns are listed per window too: as one int64 array they were 8 bytes
         # per allocated page of a 2**28-page guest
         for a in range(0, len(fm), STATS_CHUNK_PAGES):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hintpipe.units import MAX_ORDER
+from hintpipe.units import MAX_ORDER, distinct
 
 ALIGN_PAGES = 1 << MAX_ORDER
 """Pages per padding unit: the largest block (order MAX_ORDER, 128 bytes of bits)."""
@@ -85,7 +85,7 @@ class PageBits:
 
     def add(self, pfns: np.ndarray) -> None:
         """Put ``pfns`` (in range; any order, repeats allowed) into the set."""
-        b, m, _ = bit_masks(distinct_pfns(pfns))
+        b, m, _ = bit_masks(distinct(pfns))
         np.add.at(self.bytes, b, m & ~self.bytes[b])
 
     def add_mask(self, start: int, mask: np.ndarray) -> None:
@@ -110,18 +110,6 @@ def popcount(a: np.ndarray) -> int:
     if n < len(b):
         c += int(np.bitwise_count(b[n:]).sum(dtype=np.int64))
     return c
-
-
-def distinct_pfns(pfns: np.ndarray) -> np.ndarray:
-    """``pfns`` as a strictly ascending int64 array (sorted and repeats dropped when they are not
-    already; ``np.unique`` is avoided: it is far slower than a sort here)."""
-    p = np.asarray(pfns, dtype=np.int64).ravel()
-    if len(p) > 1 and not (p[1:] > p[:-1]).all():
-        p = np.sort(p)
-        new = p[1:] != p[:-1]
-        if not new.all():
-            p = p[np.concatenate(([True], new))]
-    return p
 
 
 def bit_masks(starts: np.ndarray, order: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:

@@ -34,9 +34,9 @@ import threading
 import numpy as np
 
 from hintpipe.host import pagebits
-from hintpipe.host.pagebits import PageBits, bit_masks, distinct_pfns, popcount
+from hintpipe.host.pagebits import PageBits, bit_masks, popcount
 from hintpipe.protocol.messages import MAX_RANGE_ORDER
-from hintpipe.units import pages_order
+from hintpipe.units import distinct, pages_order
 
 
 class HostPageState:
@@ -80,6 +80,10 @@ class HostPageState:
     def nbytes(self) -> int:
         """Bytes this page state's page sets hold."""
         return self._skip.nbytes + self._written.nbytes + self._dirty.nbytes
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The page sets' storage by name (for memory accounting; read-only)."""
+        return {"skip": self._skip.bytes, "written": self._written.bytes, "dirty": self._dirty.bytes}
 
     # --------------------------------------------------------------- readers
     @property
@@ -129,6 +133,46 @@ class HostPageState:
         """Pages in this round's send set."""
         return self._dirty.count()
 
+    def send_set(self, start: int, stop: int, skipped: PageBits | None = None) -> tuple[np.ndarray, int]:
+        """This round's send set within pages ``[start, stop)``: (the pages to send: dirty and
+        not skipped, ascending int64; how many dirty pages are skipped). The skipped ones are
+        added to ``skipped`` when given. Staged hints are applied first.
+
+        Works on whole bytes of the bitmaps when ``start`` and ``stop`` are multiples of 8 (or
+        ``stop`` is the end), and unpacks only the pages to send, only when there are any.
+        """
+        self.flush()
+        stop = min(stop, self.page_count)
+        if start & 7 or (stop & 7 and stop != self.page_count):
+            want, hinted = self._dirty.get(start, stop), self._skip.get(start, stop)
+            sk = want & hinted
+            if skipped is not None:
+                skipped.add_mask(start, sk)
+            return np.flatnonzero(want & ~hinted) + start, int(np.count_nonzero(sk))
+        a, b = start >> 3, (stop + 7) >> 3
+        d, s = self._dirty.bytes[a:b], self._skip.bytes[a:b]
+        sk = d & s
+        nskip = popcount(sk)
+        if nskip and skipped is not None:
+            skipped.bytes[a:b] |= sk
+        go = d & ~s  # the padding past the last page is clear in dirty
+        if not go.any():
+            return _NO_PAGES, nskip
+        return np.flatnonzero(np.unpackbits(go, bitorder="little")) + start, nskip
+
+    def stayed_free(self, start: int, stop: int, free_at_start: PageBits, free_now: np.ndarray,
+                    skipped: PageBits) -> tuple[int, int]:
+        """Skip efficiency within pages ``[start, stop)`` (a multiple of 8 apart from the end) at
+        the end of a round: (pages of the round's send set free when it began and still free now,
+        never written during it; how many of those it skipped). ``free_now`` is the guest's free
+        mask of the range (``bool``)."""
+        a, b = start >> 3, (min(stop, self.page_count) + 7) >> 3
+        now = np.packbits(free_now, bitorder="little")
+        stayed = free_at_start.bytes[a:b] & self._dirty.bytes[a:b] & ~self._written.bytes[a:b]
+        stayed[:len(now)] &= now
+        stayed[len(now):] = 0
+        return popcount(stayed), popcount(stayed & skipped.bytes[a:b])
+
     def count_written_unskipped(self) -> int:
         """Pages written this round and not skipped: what the next round would send."""
         self.flush()
@@ -166,7 +210,7 @@ class HostPageState:
         Staged hints are not waited for: applied later, a hint is refused for these pages because
         they are now ``written``.
         """
-        b, m, _ = bit_masks(distinct_pfns(pfns))
+        b, m, _ = bit_masks(distinct(pfns))
         if len(b) == 0:
             return 0
         with self.lock:
@@ -338,6 +382,7 @@ def _count_bits(k: int, masks: np.ndarray) -> int:
     return int(np.count_nonzero(masks)) if k == 0 else popcount(masks)
 
 
+_NO_PAGES = np.empty(0, dtype=np.int64)
 # Block sizes 2**0 .. 2**MAX_RANGE_ORDER.
 _NR_SIZES = MAX_RANGE_ORDER + 1
 # A block of 8..64 pages is exactly one 1..8-byte word of the bitmap.

@@ -291,7 +291,11 @@ class HostConnection(_Connection):
             self.hints_frames += 1
             self.hints_ranges += n
             self.hints_pages += int(msg.ranges[:, 1].sum())
-            return Hints(msg.cmd_id, msg.ranges, orders)
+            # the message was decoded for this event alone: give it its orders in place rather
+            # than building (and re-checking) a second Hints per frame
+            orders.flags.writeable = False
+            object.__setattr__(msg, "orders", orders)
+            return msg
         # Issued, stopped, RoundEnd not yet received: the hint may predate a write the host no
         # longer tracks for that round, so applying it is unsafe (wire-v1 section 6.3). Drop, but keep
         # the credit accounting intact.
