@@ -249,3 +249,23 @@ def test_send_set_and_stayed_free_equal_bool_reference(n):
         got = [state.stayed_free(a, a + 1024, start_bits, free_now[a:a + 1024], skipped) for a in range(0, n, 1024)]
         assert sum(g[0] for g in got) == int(stayed_ref.sum())
         assert sum(g[1] for g in got) == int((stayed_ref & dirty & skip).sum())
+
+
+def test_on_written_a_few_pages_at_a_time_equals_one_call():
+    """The fault handler records a few pages per call: the same state as one call with them all."""
+    rng = np.random.default_rng(15)
+    n = 1000
+    pages = rng.integers(0, n, size=300)
+    hinted = np.flatnonzero(rng.random(n) < 0.5)
+    a, b = HostPageState(n), HostPageState(n)
+    for s in (a, b):
+        s.begin_first_round()
+        mark_pages(s, hinted)
+    cuts = np.cumsum([0] + [1, 2, 5, 8, 3, 9, 40] * 8)  # calls of 1..9 pages (scalar path) and 40 (arrays)
+    assert cuts[-1] >= len(pages)
+    firsts = sum(a.on_written(pages[i:j]) for i, j in zip(cuts[:-1], cuts[1:]))
+    assert firsts == b.on_written(pages) == len(set(pages.tolist()))
+    assert np.array_equal(a.written_in(), b.written_in()) and np.array_equal(a.skip_in(), b.skip_in())
+    assert a.is_written(pages).all() and not a.is_skip(pages).any()
+    with pytest.raises(IndexError):
+        a.on_written(np.array([n]))
