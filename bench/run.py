@@ -9,7 +9,8 @@ rates, when bench_wp_rate.py exists). ``--quick`` is sized to finish in under tw
 2-core machine. Top-level JSON keys other tools read: host_apply_mranges_per_s,
 host_apply_frames32_mranges_per_s, c_yardstick_mranges_per_s (null without a C compiler),
 e2e_unix_mranges_per_s, e2e_walker_unix_mranges_per_s, replay_mevents_per_s,
-lock_hold_p99_us_batch32, scale (list of {pages, wall_s, peak_rss_mib}); the full detail of each
+lock_hold_p99_us_batch32, uffd_sync_faults_per_s_1writer, uffd_sync_faults_per_s_4writers (null
+where synchronous userfaultfd is unavailable), scale (list of {pages, wall_s, peak_rss_mib}); the full detail of each
 benchmark is under ``benchmarks``.
 """
 
@@ -65,6 +66,8 @@ def run_all(quick: bool, only: list[str] | None = None, log=print, progress=None
     res["e2e_walker_unix_mranges_per_s"] = b.get("e2e", {}).get("e2e_walker_unix_mranges_per_s")
     res["replay_mevents_per_s"] = b.get("replay", {}).get("replay_mevents_per_s")
     res["lock_hold_p99_us_batch32"] = b.get("walker", {}).get("lock_hold_p99_us_batch32")
+    res["uffd_sync_faults_per_s_1writer"] = b.get("wp", {}).get("uffd_sync_faults_per_s_1writer")
+    res["uffd_sync_faults_per_s_4writers"] = b.get("wp", {}).get("uffd_sync_faults_per_s_4writers")
     res["scale"] = b.get("scale", {}).get("scale", [])
     res["goals"] = {k: b[k].get("goal_met") for k in b if "goal_met" in b[k]}
     res["total_s"] = time.perf_counter() - t_all

@@ -77,7 +77,8 @@ def test_run_all_collects_headline_keys_and_failures(monkeypatch):
     assert res["goals"] == {"apply": False}
     assert "codec" in res["errors"] and res["table"][-1]["case"] == "FAILED"
     for key in ("e2e_unix_mranges_per_s", "replay_mevents_per_s", "lock_hold_p99_us_batch32", "scale",
-                "host_apply_frames32_mranges_per_s", "c_yardstick_mranges_per_s", "e2e_walker_unix_mranges_per_s"):
+                "host_apply_frames32_mranges_per_s", "c_yardstick_mranges_per_s", "e2e_walker_unix_mranges_per_s",
+                "uffd_sync_faults_per_s_1writer", "uffd_sync_faults_per_s_4writers"):
         assert key in res
 
 
