@@ -93,8 +93,10 @@ def test_handshake_and_window_negotiation():
     events(h, g.hello(PAGES, window=64, features=0b101))
     with pytest.raises(LocalProtocolError):
         h.welcome(window=65)  # larger than the guest asked for
-    events(g, h.welcome(max_ranges=128, window=16, features=0b110))
-    assert (g.window, g.max_ranges, g.features) == (16, 128, 0b100)  # intersection of features
+    events(g, h.welcome(max_ranges=128, window=16, features=0b111))
+    # the guest's offer and the host's, intersected; bit 2 is no feature of v1, so never in force
+    assert (g.window, g.max_ranges, g.features) == (16, 128, 0b001)
+    assert g.keepalive and h.keepalive
     assert (h.window, h.page_count) == (16, PAGES)
     assert g.credits_available == 16 and not g.can_send_hints  # no round yet
 

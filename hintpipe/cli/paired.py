@@ -41,6 +41,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--secret", default=None, help="shared secret for tcp hosts that require it ($HINTPIPE_SECRET)")
     g.add_argument("--connect-timeout", type=float_at_least(0, strict=True), default=10.0, metavar="S",
                    help="give up if the host does not answer within S seconds (default 10)")
+    g.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S",
+                   help="leave (exit 1) when the host sends nothing for S seconds; it is pinged after "
+                        "S/4 (default 30; 0: wait forever)")
     add_guest_options(g)
     add_walker_options(g)
     add_link_options(g)
@@ -69,6 +72,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="refuse guests larger than N pages (default 2^26 = 256 GiB): a Hello is untrusted")
     h.add_argument("--guest-timeout", type=float_at_least(0, strict=True), default=30.0, metavar="S",
                    help="fail a guest that does not answer a round barrier or pause within S seconds (default 30)")
+    h.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S",
+                   help="fail a guest that sends nothing for S seconds; it is pinged after S/4 "
+                        "(default 30; 0: no bound)")
     add_migration_options(h)
     add_memory_options(h, host=True)
     add_guest_options(h, hidden=True)
@@ -91,7 +97,7 @@ def cmd_guest(args: argparse.Namespace) -> int:
     from hintpipe.wp import UffdUnavailable
 
     opts = GuestOptions(address=address_from(args.connect), cfg=cfg, name=args.name, secret=secret_from(args),
-                        connect_timeout_s=args.connect_timeout)
+                        connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout or None)
     try:
         out = trio.run(guest_main, opts)
     except UffdUnavailable as e:  # registering the guest's RAM failed: say what, never fall back
@@ -125,7 +131,8 @@ def cmd_host(args: argparse.Namespace) -> int:
 
     opts = HostOptions(address=addr, cfg=cfg, guests=args.guests, json=args.json,
                        out=args.out, secret=secret, handshake_timeout_s=args.handshake_timeout,
-                       barrier_timeout_s=args.guest_timeout, max_guest_pages=args.max_guest_pages)
+                       barrier_timeout_s=args.guest_timeout, max_guest_pages=args.max_guest_pages,
+                       idle_timeout_s=args.idle_timeout or None)
     try:
         with open_progress(show_progress(args)) as progress:
             return trio.run(host_main, opts, progress)

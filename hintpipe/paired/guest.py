@@ -54,6 +54,8 @@ class GuestOptions:
     name: str = "guest"
     secret: bytes | None = None
     connect_timeout_s: float = 10.0
+    idle_timeout_s: float | None = 30.0
+    """Leave when the host sends no frame for this long (KEEPALIVE pings it first; None: no bound)."""
 
 
 def guest_config_dict(cfg: RunConfig) -> dict:
@@ -137,7 +139,8 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
                 endpoint = await _open_endpoint(stack, opts, region, real)
             except (OSError, trio.TooSlowError) as e:
                 return GuestOutcome(False, f"cannot connect to {opts.address}: {e or 'timed out'}")
-            producer = Producer(endpoint, walker, zone, n, window=cfg.queue_size, name=opts.name)
+            producer = Producer(endpoint, walker, zone, n, window=cfg.queue_size, name=opts.name,
+                                idle_timeout_s=opts.idle_timeout_s)
             # sim: faults over the link (protect bytes); uffd/uffd-async: the kernel faults the
             # store itself; off: nothing tracks writes (the oracle must then find lost pages)
             real_wp = real.backend if real is not None else cfg.wp

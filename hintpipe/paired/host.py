@@ -54,6 +54,8 @@ class HostOptions:
     secret: bytes | None = None
     handshake_timeout_s: float = 10.0
     barrier_timeout_s: float = 30.0
+    idle_timeout_s: float | None = 30.0
+    """Fail a guest that sends no frame for this long (KEEPALIVE pings it first; None: no bound)."""
     # the host allocates a few bytes per guest page (and 4 KiB per page with real memory): a
     # Hello is untrusted, so its page_count is capped before anything is mapped or allocated
     max_guest_pages: int = 1 << 26
@@ -280,7 +282,7 @@ class GuestServer:
         opts = self.opts
         # command ids are unique across this host's connections: a guest that reconnects never
         # sees an id of its previous connection (blocks of 2**16 rounds per connection)
-        session = HostSession(ep, max_ranges=opts.cfg.max_ranges,
+        session = HostSession(ep, max_ranges=opts.cfg.max_ranges, idle_timeout_s=opts.idle_timeout_s,
                               first_cmd_id=CMD_ID_BASE + ((conn - 1) % 32768) * 65536)
         regions: list[SharedRegion] = []
 
