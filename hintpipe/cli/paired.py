@@ -14,8 +14,9 @@ import sys
 from hintpipe.cli.options import (
     GUEST_DECIDES, HOST_DECIDES, UsageError, add_guest_options, add_link_options, add_memory_options,
     add_migration_options, add_output_options, add_walker_options, address_from, command_parser,
-    float_at_least, int_in, paired_config, secret_from, show_progress, warn_other_side,
+    float_at_least, int_in, paired_config, parse_size, secret_from, show_progress, warn_other_side,
 )
+from hintpipe.units import PAGE_SIZE
 
 __all__ = ["add_parsers", "cmd_guest", "cmd_host"]
 
@@ -70,6 +71,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="refuse a guest that has not said Hello within S seconds (default 10)")
     h.add_argument("--max-guest-pages", type=int_in(1), default=1 << 26, metavar="N",
                    help="refuse guests larger than N pages (default 2^26 = 256 GiB): a Hello is untrusted")
+    h.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="memory all guests together may cost this host, e.g. 8G (default: half of "
+                        "MemAvailable at start); a guest that does not fit is refused with the figures")
     h.add_argument("--guest-timeout", type=float_at_least(0, strict=True), default=30.0, metavar="S",
                    help="fail a guest that does not answer a round barrier or pause within S seconds (default 30)")
     h.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S",
@@ -132,7 +136,8 @@ def cmd_host(args: argparse.Namespace) -> int:
     opts = HostOptions(address=addr, cfg=cfg, guests=args.guests, json=args.json,
                        out=args.out, secret=secret, handshake_timeout_s=args.handshake_timeout,
                        barrier_timeout_s=args.guest_timeout, max_guest_pages=args.max_guest_pages,
-                       idle_timeout_s=args.idle_timeout or None)
+                       idle_timeout_s=args.idle_timeout or None,
+                       max_memory=None if args.max_memory is None else args.max_memory * PAGE_SIZE)
     try:
         with open_progress(show_progress(args)) as progress:
             return trio.run(host_main, opts, progress)

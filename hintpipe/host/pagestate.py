@@ -51,6 +51,12 @@ class HostPageState:
         self.pages_refused_written = 0
         """Hinted pages left out of the skip bitmap because they were written this round."""
 
+    @staticmethod
+    def nbytes_for(page_count: int) -> int:
+        """Bytes of the arrays a page state of ``page_count`` pages holds (``skip``, ``written``,
+        ``dirty``: one byte a page each); a host charges a guest this much before creating it."""
+        return 3 * page_count
+
     def begin_round(self) -> None:
         """Protect every page again; what was written last round becomes this round's send set."""
         with self.lock:

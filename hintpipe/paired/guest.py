@@ -135,9 +135,11 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
         walker = FreeListWalker(alloc, min_order=cfg.min_order, batch=cfg.batch,
                                 time_budget_us=cfg.time_budget_us, isolate=cfg.race_mode == "isolate")
         async with AsyncExitStack() as stack:
+            from hintpipe.channel.shm import ShmSetupError
+
             try:
                 endpoint = await _open_endpoint(stack, opts, region, real)
-            except (OSError, trio.TooSlowError) as e:
+            except (OSError, trio.TooSlowError, ShmSetupError) as e:
                 return GuestOutcome(False, f"cannot connect to {opts.address}: {e or 'timed out'}")
             producer = Producer(endpoint, walker, zone, n, window=cfg.queue_size, name=opts.name,
                                 idle_timeout_s=opts.idle_timeout_s)
