@@ -490,3 +490,13 @@ def test_random_valid_sessions_stay_in_sync(ops):
         assert g.in_flight == h.unacked
         assert g.open_rounds == h.open_rounds
         assert g.active_cmd_id == h.current_cmd_id
+
+
+def test_hints_without_an_active_round_is_refused_locally():
+    # found by fuzzing: hints(None, ...) with no round used to raise KeyError
+    g = GuestConnection()
+    g.hello(PAGES, window=4)
+    events(g, encode(Welcome(1, 32, 4, 0)))
+    with pytest.raises(LocalProtocolError) as ei:
+        g.hints(None, [[0, 1]])
+    assert ei.value.code is ErrorCode.UNKNOWN_COMMAND_ID

@@ -504,7 +504,7 @@ class GuestConnection(_Connection):
         so a buggy producer fails here instead of getting the connection killed by the host.
         """
         self._check_can_send(MessageType.HINTS)
-        if cmd_id != self._active:
+        if self._active is None or cmd_id != self._active:  # (None is no round: found by fuzzing)
             raise _local(ErrorCode.UNKNOWN_COMMAND_ID, f"cmd_id {cmd_id!r} is not the active round ({self._active!r})")
         if self._in_flight >= self._window:
             raise _local(ErrorCode.CREDIT_EXCEEDED, f"no credit: {self._in_flight} frames un-acked, window {self._window}")
