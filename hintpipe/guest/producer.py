@@ -111,6 +111,7 @@ class Producer:
         features = FEATURE_KEEPALIVE if self.idle_timeout_s is not None else 0
         await self._send(self.conn.hello(self.page_count, window=self.window, name=self.name, features=features))
         idle = IdleTimer(self.idle_timeout_s, trio.current_time()) if self.idle_timeout_s is not None else None
+        failure: MigrationFailed | None = None  # raised after the nursery: callers see it unwrapped
         async with trio.open_nursery() as nursery:
             try:
                 with trio.CancelScope() as receiving:
@@ -128,21 +129,21 @@ class Producer:
                             if self.result is not None:
                                 break
                 if self._silent is not None:
-                    with trio.move_on_after(1):  # best effort: a stopped host reads nothing
-                        try:
-                            await self._send(self.conn.error(ErrorCode.TIMEOUT, self._silent))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError, OSError):
-                            pass
+                    await self._send_error(ErrorCode.TIMEOUT, self._silent)
                     raise MigrationFailed(self._silent)
             except ProtocolError as e:
-                await self._send(self.conn.error(e.code, e.message))
-                raise MigrationFailed(f"protocol error from host: {e}") from e
+                await self._send_error(e.code, e.message)
+                failure = MigrationFailed(f"protocol error from host: {e}")
+            except MigrationFailed as e:
+                failure = e
             finally:
                 nursery.cancel_scope.cancel()
                 self._release_all_inflight()
                 self._gone = True
                 for ev in self._fault_waiters.values():
                     ev.set()  # their fault() calls raise MigrationFailed
+        if failure is not None:
+            raise failure
         if not self.result.ok:
             raise MigrationFailed(f"host reports the migration failed: {self.result.summary}")
         return self.result
@@ -162,6 +163,14 @@ class Producer:
                                 f"it is stopped, stuck or unreachable")
                 receiving.cancel()
                 return
+
+    async def _send_error(self, code: ErrorCode, message: str) -> None:
+        """Best effort: a stopped or gone host reads nothing, so this waits at most 1 s."""
+        with trio.move_on_after(1):
+            try:
+                await self._send(self.conn.error(code, message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError, OSError):
+                pass
 
     async def _send_ping(self) -> None:
         try:

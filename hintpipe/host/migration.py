@@ -146,6 +146,12 @@ class MigrationEngine:
     dest: np.ndarray | None = None
     observers: Sequence[MigrationObserver] = ()
 
+    @staticmethod
+    def round_nbytes_for(page_count: int) -> int:
+        """Bytes a live round holds per guest for its statistics: the free mask at its start and
+        the pages it skipped, one bit a page each."""
+        return 2 * ((page_count + 7) >> 3)
+
     def __post_init__(self) -> None:
         n = self.state.page_count
         if self.dest is None:
@@ -189,8 +195,9 @@ class MigrationEngine:
         n = st.page_count
         to_send = st.dirty
         t0 = trio.current_time()
-        free_start = self.free_mask().copy() if live else None
-        skipped_mask = np.zeros(n, dtype=bool) if live else None
+        # one bit a page: a host migrating many guests keeps these for each of them
+        free_start = np.packbits(self.free_mask()) if live else None
+        skipped_bits = np.zeros((n + 7) >> 3, dtype=np.uint8) if live else None
         sent = skipped = 0
         chunk = cfg.chunk_for(n)
         for o in self.observers:
@@ -206,8 +213,8 @@ class MigrationEngine:
             skip = want & st.skip[a:b]
             go = np.flatnonzero(want & ~st.skip[a:b]) + a
             nskip = int(np.count_nonzero(skip))
-            if nskip and skipped_mask is not None:
-                skipped_mask[a:b] |= skip
+            if nskip and skipped_bits is not None:
+                _set_bits(skipped_bits, a, skip)
             if len(go):
                 self.dest[go] = self.read_source(go)
                 sent += len(go)
@@ -226,11 +233,13 @@ class MigrationEngine:
         if live:
             fm = self.free_mask()
             # chunked: four whole-guest temporaries here were the peak of a 2**28-page run
-            for a in range(0, n, STATS_CHUNK_PAGES):
+            for a in range(0, n, STATS_CHUNK_PAGES):  # a multiple of 8: whole bytes of the bits
                 b = min(n, a + STATS_CHUNK_PAGES)
-                stayed = free_start[a:b] & fm[a:b] & ~st.written[a:b] & to_send[a:b]
+                was_free = np.unpackbits(free_start[a >> 3:(b + 7) >> 3], count=b - a).view(bool)
+                stayed = was_free & fm[a:b] & ~st.written[a:b] & to_send[a:b]
                 rep.stayed_free += int(np.count_nonzero(stayed))
-                rep.stayed_free_skipped += int(np.count_nonzero(stayed & skipped_mask[a:b]))
+                was_skipped = np.unpackbits(skipped_bits[a >> 3:(b + 7) >> 3], count=b - a).view(bool)
+                rep.stayed_free_skipped += int(np.count_nonzero(stayed & was_skipped))
         for o in self.observers:
             o.round_ended(self, rep)
         return rep
@@ -287,6 +296,17 @@ class MigrationEngine:
         self.result.lost_pages = lost
         self.result.verified = lost == 0
         return lost
+
+
+def _set_bits(bits: np.ndarray, start: int, mask: np.ndarray) -> None:
+    """Set bit ``start + i`` of the big-endian bitmap ``bits`` (``np.packbits`` order) for every
+    true ``mask[i]``."""
+    if start & 7 == 0:
+        packed = np.packbits(mask)
+        bits[start >> 3:(start >> 3) + len(packed)] |= packed
+    else:
+        idx = np.flatnonzero(mask) + start
+        np.bitwise_or.at(bits, idx >> 3, (0x80 >> (idx & 7)).astype(np.uint8))
 
 
 async def drive_migration(engine: MigrationEngine, *, cancel_on_disconnect: bool = False,

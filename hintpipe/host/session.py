@@ -233,9 +233,10 @@ class HostSession:
         return False
 
     async def finish(self, ok: bool, summary: dict) -> None:
-        """Tell the guest the migration is over (best effort: it may be gone)."""
+        """Tell the guest the migration is over (best effort: it may be gone; a live guest gets
+        the send timeout, so a busy host still delivers the verdict)."""
         try:
-            with trio.move_on_after(1):
+            with trio.move_on_after(self.send_timeout_s):
                 await self._send(self.conn.done(ok, summary))
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass  # gone, or the connection already failed: the host's report has the verdict

@@ -12,8 +12,9 @@ memory can grow by while serving the guest:
   follows that structure's representation);
 - ``destination``: the migrated pages (a u32 version a page in simulation, 4 KiB of real bytes
   with ``--memory real``);
-- ``round_masks``: the two masks of one byte a page a live round of the migration engine keeps
-  (the guest's free pages when the round began, the pages it skipped);
+- ``round_masks``: what a live round of the migration engine keeps for its statistics
+  (:meth:`MigrationEngine.round_nbytes_for`: the guest's free pages when the round began and the
+  pages it skipped, a bit a page each);
 - ``guest_memory``: the guest region of wire-v1 11.4 (versions, protect and free bytes), mapped
   from the guest's memfd on unix and shm, mirrored privately on tcp; the host reads and writes
   all of it;
@@ -30,16 +31,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from hintpipe.host.migration import MigrationEngine
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.paired.region import VERSION_DTYPE, region_layout
 from hintpipe.protocol import MAX_FRAME_PAYLOAD
 from hintpipe.units import PAGE_SIZE
 
-__all__ = ["ROUND_MASK_BYTES_PER_PAGE", "GuestCost", "BudgetExceeded", "MemoryBudget", "Reservation",
+__all__ = ["GuestCost", "BudgetExceeded", "MemoryBudget", "Reservation",
            "DEFAULT_FRACTION", "default_limit", "mib"]
 
-ROUND_MASK_BYTES_PER_PAGE = 2
-"""Bytes a page the migration engine holds during a live round (two bool masks)."""
 DEFAULT_FRACTION = 0.5
 """Default ``--max-memory``: this fraction of MemAvailable when the host starts."""
 
@@ -70,7 +70,7 @@ class GuestCost:
         return cls(
             page_state=HostPageState.nbytes_for(page_count),
             destination=page_count * (PAGE_SIZE if real else VERSION_DTYPE.itemsize),
-            round_masks=page_count * ROUND_MASK_BYTES_PER_PAGE,
+            round_masks=MigrationEngine.round_nbytes_for(page_count),
             guest_memory=region_layout(page_count)[3],
             real_memory=page_count * PAGE_SIZE if real else 0,
             buffers=2 * MAX_FRAME_PAYLOAD,

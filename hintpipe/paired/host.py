@@ -69,6 +69,12 @@ class HostOptions:
     MemAvailable at start."""
 
 
+LINGER_S = 10.0
+"""How long a guest has to read ``Done`` and close. The host keeps reading meanwhile: closing a
+socket with unread input resets the connection and the guest would lose its ``Done`` (seen with 64
+guests on 2 cores, where a guest's last RoundEnd came in after 2 s). A guest that reads Done
+closes at once, so this only bounds a slow or stuck one."""
+
 _LOCK_KEYS = ("batches", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
               "p99_alloc_wait_us", "max_alloc_wait_us")
 """The guest-reported zone lock figures a host report carries."""
@@ -423,7 +429,7 @@ class GuestServer:
         try:
             reason = await drive_migration(engine, cancel_on_disconnect=True,
                                            aborts=(GuestStuck, GuestLeft, RealMemoryError),
-                                           before_done=stop_tracking, linger_s=2.0)
+                                           before_done=stop_tracking, linger_s=LINGER_S)
         finally:
             session.fault_handler = None  # holds the page state and the region: let go of them now
         rounds.close()

@@ -214,8 +214,11 @@ class MirrorReceiver:
         if rtype != INIT or len(body) != 8:
             raise _bad("the guest's first record must be INIT")
         (pages,) = struct.unpack("<Q", body)
-        if not 1 <= pages <= min(MAX_PAGE_COUNT, MAX_MIRROR_PAGES):
+        if pages < 1:
             raise _bad(f"INIT page_count {pages} out of range")
+        if pages > min(MAX_PAGE_COUNT, MAX_MIRROR_PAGES):
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"a guest of {pages} pages is above the largest this host "
+                                                       f"mirrors over tcp ({MAX_MIRROR_PAGES} pages)")
         if self._admit is not None:
             self._admit(pages)
         self.region = MirroredRegion.mirror(pages, role="host", send=self._send)

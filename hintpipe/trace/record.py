@@ -1,7 +1,9 @@
 """``hintpipe record``: record this machine's page-allocator activity in the recording layout.
 
 Needs root, tracefs and /proc/kpageflags. The tracing state found at start (the five kmem event
-enables, tracing_on, buffer_size_kb) is restored in a ``finally``, whatever happens.
+enables, tracing_on, buffer_size_kb) is restored in a ``finally``, whatever happens. A disk that
+fills up (or a file-size limit, or a quota) stops the recording at once: the files it wrote are
+removed (a recording without its whole trace would replay wrong) and the error says so.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ EVENTS = tuple(EVENT_NAMES.values())
 BUFFER_KB = 16384
 """Per-CPU ring buffer size while recording; the default (1.4 MB) overruns under heavy churn."""
 READ_SIZE = 1 << 20  # large reads: fewer syscalls while the whole machine's events stream in
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""Write errors that mean no room is left for the recording."""
 
 
 def _check(tracefs: Path) -> None:
@@ -58,21 +62,26 @@ def _snapshot_kpageflags(out: Path) -> int:
     """Stream /proc/kpageflags into a zstd file without holding it in memory; returns bytes read."""
     n = 0
     cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
-    with open(KPAGEFLAGS, "rb", buffering=0) as src, open(out, "wb") as dst, cctx.stream_writer(dst) as z:
-        while True:
-            b = src.read(1 << 20)
-            if not b:
-                break
-            z.write(b)
-            n += len(b)
+    try:
+        with open(KPAGEFLAGS, "rb", buffering=0) as src, open(out, "wb") as dst, cctx.stream_writer(dst) as z:
+            while True:
+                b = src.read(1 << 20)
+                if not b:
+                    break
+                z.write(b)
+                n += len(b)
+    except OSError as e:
+        e.filename = e.filename or str(out)  # the compressor's writes do not name their file
+        raise
     return n
 
 
 def _copy(src: str, dst: Path) -> None:
     try:
-        dst.write_text(Path(src).read_text())
+        text = Path(src).read_text()
     except OSError:
-        pass  # optional snapshots (pagetypeinfo may be root-only or absent)
+        return  # optional snapshots (pagetypeinfo may be root-only or absent)
+    dst.write_text(text)  # a write error (a full disk) is the recording's failure
 
 
 class _PipeReader(threading.Thread):
@@ -113,6 +122,8 @@ class _PipeReader(threading.Thread):
                             break
                     time.sleep(0.02)
         except BaseException as e:  # reported by record()
+            if isinstance(e, OSError):
+                e.filename = e.filename or str(self.out)
             self.error = e
         finally:
             os.close(self.fd)
@@ -149,7 +160,14 @@ def record(outdir: str | Path, duration: float | None = None, command: list[str]
     except OSError as e:
         raise RecordError(f"cannot create the output folder {out}: {e.strerror or e}.") from None
     try:
-        s = _record(out, duration, command, tracefs, buffer_kb, progress)
+        try:
+            s = _record(out, duration, command, tracefs, buffer_kb, progress)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            where = f" writing {Path(e.filename).name}" if e.filename else ""
+            raise RecordError(f"the recording ran out of disk space{where} ({e.strerror or e}): it was stopped, "
+                              f"tracing restored and the partial recording removed.") from None
         if final.is_dir():
             shutil.rmtree(final)
         elif final.exists():
@@ -175,6 +193,7 @@ def _record(out: Path, duration: float | None, command, tracefs: Path, buffer_kb
     proc: subprocess.Popen | None = None
     interrupted = False
     rc = None
+    end_error: OSError | None = None
     t_start = time.monotonic()
     try:
         if saved_buf.split()[0] != str(buffer_kb):
@@ -202,8 +221,9 @@ def _record(out: Path, duration: float | None, command, tracefs: Path, buffer_kb
                     proc = subprocess.Popen(command)
                 except OSError as e:
                     raise RecordError(f"cannot run {command[0]!r}: {e.strerror or e}.") from None
-            # wait in short steps: the bar moves, and Ctrl-C is seen at once
-            while proc is None or proc.poll() is None:
+            # wait in short steps: the bar moves, Ctrl-C is seen at once, and so is a trace that
+            # can no longer be written (a full disk): the recording stops then
+            while (proc is None or proc.poll() is None) and reader.error is None:
                 elapsed = time.monotonic() - t_start
                 if duration is not None and elapsed >= duration:
                     break
@@ -226,8 +246,11 @@ def _record(out: Path, duration: float | None, command, tracefs: Path, buffer_kb
             except OSError:
                 pass
         # Read the end state at once: anything the recorder does from here on is not traced.
-        _copy("/proc/buddyinfo", out / "buddyinfo.end")
-        _copy("/proc/zoneinfo", out / "zoneinfo.end")
+        try:
+            _copy("/proc/buddyinfo", out / "buddyinfo.end")
+            _copy("/proc/zoneinfo", out / "zoneinfo.end")
+        except OSError as e:  # raised once the tracing state is restored
+            end_error = e
         if reader is not None:
             reader.stop.set()
             reader.join(timeout=30)
@@ -240,7 +263,11 @@ def _record(out: Path, duration: float | None, command, tracefs: Path, buffer_kb
     if task is not None:
         task.close()
     if reader is not None and reader.error is not None:
+        if isinstance(reader.error, OSError) and reader.error.errno in DISK_FULL:
+            raise reader.error  # record() removes the partial recording
         raise RecordError(f"reading trace_pipe failed: {reader.error}")
+    if end_error is not None:
+        raise end_error
     lost = reader.lost_lines if reader else 0
     return {"outdir": str(out), "events": (reader.lines - lost) if reader else 0,
             "seconds": round(time.monotonic() - t_start, 3), "returncode": rc, "interrupted": interrupted,
