@@ -183,8 +183,7 @@ def test_guest_over_the_budget_is_refused_with_the_figures(kind, tmp_path):
     addr = {"unix": f"unix:{tmp_path}/h.sock", "tcp": f"tcp:127.0.0.1:{_free_port()}", "shm": f"shm:{tmp_path}/h.shm"}[kind]
     # 8 MiB: a 64 MiB guest (about 1 MiB of host memory with its shm rings of 2 x 8 x 4 KiB...)
     # fits; a 2**26-page guest (about 1 GiB) does not
-    host = _start_host(tmp_path, addr, "--guests", "1", "--max-memory", "8M", "--bandwidth", "20",
-                       "--queue-size", "8")
+    host = _start_host(tmp_path, addr, "--guests", "2", "--max-memory", "8M", "--bandwidth", "20")
     try:
         if kind == "tcp":
             with socket.create_connection(("127.0.0.1", int(addr.rsplit(":", 1)[1]))) as s:
@@ -202,7 +201,9 @@ def test_guest_over_the_budget_is_refused_with_the_figures(kind, tmp_path):
         if host.poll() is None:
             host.kill()
             host.wait()
-    (rep,) = [json.loads(line) for line in out.splitlines()]
+    refused, rep = [json.loads(line) for line in out.splitlines()]
+    assert refused["status"] == "failed" and refused["reason"] == err.message  # reported, counted
+    assert refused["guest"]["pages"] == 1 << 26
     assert rep["status"] == "migrated" and rep["migration"]["verified"]
     assert 0 < rep["memory"]["reserved_bytes"] <= rep["memory"]["budget_bytes"] == 8 << 20
     assert "Traceback" not in errtext
@@ -253,7 +254,7 @@ def test_shm_rings_over_the_budget_are_refused_before_they_are_mapped(tmp_path):
 
 def test_real_memory_guest_over_the_budget_is_refused(tmp_path):
     addr = f"unix:{tmp_path}/h.sock"
-    host = _start_host(tmp_path, addr, "--guests", "1", "--max-memory", "64M", "--memory", "real",
+    host = _start_host(tmp_path, addr, "--guests", "2", "--max-memory", "64M", "--memory", "real",
                        "--wp", "sim", "--bandwidth", "20")
     try:
         # 64 MiB of real memory costs the host its destination and its mapping: 128 MiB and more
@@ -266,7 +267,8 @@ def test_real_memory_guest_over_the_budget_is_refused(tmp_path):
         if host.poll() is None:
             host.kill()
             host.wait()
-    (rep,) = [json.loads(line) for line in out.splitlines()]
+    refused, rep = [json.loads(line) for line in out.splitlines()]
+    assert refused["status"] == "failed" and "--max-memory 64.0 MiB" in refused["reason"]
     assert rep["status"] == "migrated" and rep["migration"]["verified"]
 
 

@@ -16,11 +16,12 @@ from hintpipe.cli.options import (
     add_migration_options, add_output_options, add_walker_options, address_from, command_parser,
     float_at_least, int_in, paired_config, parse_size, secret_from, show_progress, warn_other_side,
 )
-from hintpipe.units import PAGE_SIZE
 
 __all__ = ["add_parsers", "cmd_guest", "cmd_host"]
 
 ADDRESS_HELP = "unix:PATH, tcp:HOST:PORT (tcp:PORT = loopback) or shm:NAME"
+IDLE_HELP = ("give up on the other side when it sends nothing for S seconds (it is pinged after S/4): "
+             "the guest exits 1, the host reports that guest failed (default 30; 0: no bound)")
 SIDES = ("Who decides what: the guest its size, workload, walker, link and memory (--size, "
          "--workload,\n--batch, --min-order, --race-mode, --queue-size, --memory, --wp ...); the "
          "host the migration\n(--bandwidth, --max-rounds, --downtime-ms). Either process accepts "
@@ -42,9 +43,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--secret", default=None, help="shared secret for tcp hosts that require it ($HINTPIPE_SECRET)")
     g.add_argument("--connect-timeout", type=float_at_least(0, strict=True), default=10.0, metavar="S",
                    help="give up if the host does not answer within S seconds (default 10)")
-    g.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S",
-                   help="leave (exit 1) when the host sends nothing for S seconds; it is pinged after "
-                        "S/4 (default 30; 0: wait forever)")
+    g.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S", help=IDLE_HELP)
     add_guest_options(g)
     add_walker_options(g)
     add_link_options(g)
@@ -76,9 +75,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "MemAvailable at start); a guest that does not fit is refused with the figures")
     h.add_argument("--guest-timeout", type=float_at_least(0, strict=True), default=30.0, metavar="S",
                    help="fail a guest that does not answer a round barrier or pause within S seconds (default 30)")
-    h.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S",
-                   help="fail a guest that sends nothing for S seconds; it is pinged after S/4 "
-                        "(default 30; 0: no bound)")
+    h.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S", help=IDLE_HELP)
     add_migration_options(h)
     add_memory_options(h, host=True)
     add_guest_options(h, hidden=True)
@@ -131,6 +128,7 @@ def cmd_host(args: argparse.Namespace) -> int:
 
     from hintpipe.channel.stream import ListenError
     from hintpipe.paired.host import HostOptions, host_main
+    from hintpipe.units import PAGE_SIZE
     from hintpipe.progress import open_progress
 
     opts = HostOptions(address=addr, cfg=cfg, guests=args.guests, json=args.json,
