@@ -406,22 +406,6 @@ def test_slow_destination_never_converges_and_still_verifies():
     assert m["verified"] is True and m["lost_pages"] == 0
 
 
-def test_slow_destination_over_a_real_link(tmp_path):
-    env = _env(tmp_path)
-    addr = _address("unix", tmp_path)
-    host = _host(addr, env, "--guests", "1", "--bandwidth", "0.1", "--max-rounds", "3")
-    try:
-        g = Proc(["guest", "--connect", addr, "--size", "16M", "--name", "slow", "--writes-per-s", "20000"], env)
-        rc, _, err = g.finish()
-        assert rc == 0, err
-        rc, out, _ = host.finish()
-    finally:
-        host.kill()
-    rep = _reports(out)["slow"]
-    _healthy(rep)
-    assert rep["migration"]["converged"] is False and rep["migration"]["rounds"] == 4
-
-
 # ---- the disk full while recording ----------------------------------------------------------
 
 
@@ -436,11 +420,11 @@ def _recording_impossible() -> str | None:
 
 
 @pytest.mark.skipif(_recording_impossible() is not None, reason=_recording_impossible() or "")
-@pytest.mark.parametrize("limit", [64 << 10, 4 << 20], ids=["snapshot", "trace"])
+@pytest.mark.parametrize("limit", [64 << 10, 2 << 20], ids=["snapshot", "trace"])
 def test_disk_full_while_recording(limit, tmp_path):
     # RLIMIT_FSIZE makes every write past ``limit`` bytes fail with EFBIG, as a full disk does
-    # with ENOSPC (Python ignores SIGXFSZ): 64 KiB fails in the kpageflags snapshot, 4 MiB in the
-    # trace stream of a command that churns the allocator
+    # with ENOSPC (Python ignores SIGXFSZ): 64 KiB fails in the kpageflags snapshot (600 KB here),
+    # 2 MiB in the trace stream of a command that churns the allocator
     enable = Path("/sys/kernel/tracing/events/kmem/mm_page_alloc/enable")
     before = enable.read_text()
     out = tmp_path / "rec"
