@@ -119,6 +119,7 @@ def one_run(guests: int, size: str, kind: str = "unix", extra: tuple[str, ...] =
         "migrated": sum(r["status"] == "migrated" and r["migration"]["verified"] for r in reports),
         "reports": len(reports), "guests_failed": sum(1 for rc in rcs if rc != 0),
         "guest_failures": sorted({o[0] for o, rc in zip(outcomes, rcs) if rc != 0 and o}),
+        "host_failures": sorted({str(r.get("reason")) for r in reports if r["status"] != "migrated"}),
         "lost_pages": sum(r["migration"]["lost_pages"] for r in reports),
         "host_idle_mib": round(idle["VmRSS"], 1), "host_peak_mib": round(max(peak.get("VmHWM", 0), peak.get("VmRSS", 0)), 1),
         "host_peak_anon_mib": round(peak.get("RssAnon", 0), 1), "host_peak_shmem_mib": round(peak.get("RssShmem", 0), 1),

@@ -39,7 +39,7 @@ from hintpipe.protocol import (
     StopRound,
     Welcome,
 )
-from hintpipe.protocol.liveness import IdleTimer, IdleVerdict
+from hintpipe.protocol.liveness import CONFIRM_PASSES, IdleTimer, IdleVerdict
 
 
 SEND_SHIELD_S = 5.0
@@ -155,6 +155,10 @@ class Producer:
             if self.conn.established and not self.conn.keepalive:
                 return  # the host did not agree to KEEPALIVE: wait for it as before (wire-v1 9.1)
             verdict = idle.check(trio.current_time())
+            if verdict is IdleVerdict.EXPIRED:
+                for _ in range(CONFIRM_PASSES):  # let the reader take what already arrived
+                    await trio.sleep(0)
+                verdict = idle.check(trio.current_time())
             if verdict is IdleVerdict.PING and self.conn.keepalive and not self.conn.ping_outstanding:
                 nursery.start_soon(self._send_ping)  # a blocked send must not stop the clock
             elif verdict is IdleVerdict.EXPIRED:

@@ -36,7 +36,7 @@ from hintpipe.protocol import (
     RoundEnd,
     StaleHints,
 )
-from hintpipe.protocol.liveness import IdleTimer, IdleVerdict
+from hintpipe.protocol.liveness import CONFIRM_PASSES, IdleTimer, IdleVerdict
 from hintpipe.protocol.messages import CMD_ID_BASE, MAX_RANGES_PER_BATCH
 
 
@@ -125,6 +125,10 @@ class HostSession:
         while True:
             await trio.sleep_until(idle.next_check)
             verdict = idle.check(trio.current_time())
+            if verdict is IdleVerdict.EXPIRED:
+                for _ in range(CONFIRM_PASSES):  # let the reader take what already arrived
+                    await trio.sleep(0)
+                verdict = idle.check(trio.current_time())
             if verdict is IdleVerdict.PING and not self.conn.ping_outstanding:
                 try:
                     frame = self.conn.ping()

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["IdleVerdict", "IdleTimer", "PING_FRACTION"]
+__all__ = ["IdleVerdict", "IdleTimer", "PING_FRACTION", "CONFIRM_PASSES"]
+
+CONFIRM_PASSES = 3
+"""Scheduling passes an adapter lets its reader run before it acts on EXPIRED: a starved process
+wakes its timer and its reader together, and a frame may be waiting unread."""
 
 PING_FRACTION = 0.25
 """A Ping goes out after this fraction of the idle bound without a frame: the peer then has the
