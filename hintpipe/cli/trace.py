@@ -17,6 +17,9 @@ TRACE_HELP = "a recording folder (as hintpipe record writes it) or a trace-v1 fi
 SKIP_BAD_HELP = ("skip malformed or unknown trace lines (counted, with one warning) instead of "
                  "stopping at the first")
 FORCE_HELP = "replace the output if it exists"
+NO_CACHE_HELP = ("read a recording folder directly; by default its events are converted to trace-v1 once "
+                 "and cached (beside it, or in $XDG_CACHE_HOME/hintpipe when the folder is read-only; "
+                 "HINTPIPE_TRACE_CACHE=off or =FOLDER changes that)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +45,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_output_options(r, charts=True)
     r.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     r.add_argument("--no-baseline", action="store_true", help=NO_BASELINE_HELP)
+    r.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     r.set_defaults(func=cmd_replay)
 
     i = command_parser(
@@ -54,6 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--samples", type=int_in(2, 100_000), default=50, metavar="N",
                    help="points of the free-memory-over-time series (default 50)")
     i.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
+    i.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     add_output_options(i, what="the summary")
     i.set_defaults(func=cmd_inspect)
 
@@ -93,6 +98,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_trace_convert)
 
 
+def notices(args: argparse.Namespace):
+    """Where library code's one-line notices go (the trace cache being made): ``hintpipe: ...``
+    on stderr, or nowhere with ``--json`` or ``--quiet`` (as the progress bar)."""
+    import sys
+
+    if getattr(args, "json", False) or getattr(args, "quiet", False):
+        return None
+
+    def log(msg: str) -> None:
+        print(f"hintpipe: {msg}", file=sys.stderr, flush=True)
+    return log
+
+
 def trace_error(e, skip_bad: bool) -> UsageError:
     """A TraceError as one sentence; a bad line suggests ``--skip-bad``."""
     text = str(e)
@@ -120,7 +138,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from hintpipe.trace.replay import replay_outcome
 
     try:
-        trace = open_trace(args.trace, skip_bad=args.skip_bad)
+        trace = open_trace(args.trace, skip_bad=args.skip_bad, cache=not args.no_cache, log=notices(args))
         with open_progress(show_progress(args)) as progress:
             out = replay_outcome(trace, cfg, progress=progress)
     except TraceError as e:
@@ -137,7 +155,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from hintpipe.trace.summary import inspect, render_text
 
     try:
-        info = inspect(args.trace, samples=args.samples, skip_bad=args.skip_bad)
+        info = inspect(args.trace, samples=args.samples, skip_bad=args.skip_bad, cache=not args.no_cache,
+                       log=notices(args))
     except TraceError as e:
         raise trace_error(e, args.skip_bad) from None
     print(json.dumps(info) if args.json else render_text(info))

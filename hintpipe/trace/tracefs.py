@@ -366,8 +366,7 @@ def _check_range(batch: EventBatch, page_count: int | None, path: str, first_lin
     or with ``skip_bad`` drop such events and count them (they lie outside the model)."""
     if page_count is None or not len(batch):
         return batch
-    last = batch.pfn + (np.uint64(1) << batch.order.astype(np.uint64))
-    outside = last > np.uint64(page_count)
+    outside = batch.outside(page_count)
     bad = np.flatnonzero(outside)
     if len(bad) and skip_bad:
         stats.skipped["pfn-range"] = stats.skipped.get("pfn-range", 0) + len(bad)
