@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
+import sys
 
 from hintpipe.cli.options import (
     NO_BASELINE_HELP, SEED_HELP, UsageError, add_link_options, add_migration_options, add_output_options, add_walker_options,
@@ -64,18 +66,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     rec = command_parser(
         sub, "record", help="record this machine's page allocator (root, tracefs)",
-        description="Enables the kernel's five kmem page events, snapshots /proc/kpageflags and "
-                    "buddyinfo, and\nstreams the events into OUTDIR until COMMAND exits, --duration "
-                    "passes or Ctrl-C (whichever\ncomes first; Ctrl-C is the way to stop a "
-                    "recording with neither). The tracing state found at\nthe start is restored. "
-                    "OUTDIR appears only once the recording is complete.",
+        description="Enables the kernel's five kmem page events in a private tracing instance, drains "
+                    "each CPU's\nbinary ring buffer into OUTDIR/raw (protocols/recording-v1.md), "
+                    "snapshots /proc/kpageflags and\nbuddyinfo, until COMMAND exits, --duration "
+                    "passes or Ctrl-C (whichever comes first; Ctrl-C is\nthe way to stop a "
+                    "recording with neither). Says how many events the kernel lost: exit status 1\n"
+                    "if any were. OUTDIR appears only once the recording is complete.",
         example="  sudo hintpipe record mytrace -- make -j2\n"
                 "  sudo hintpipe record idle --duration 10 && hintpipe replay idle",
-        usage="hintpipe record [-h] [--duration S] [--force] [--json] [-q] OUTDIR [-- COMMAND ...]")
+        usage="hintpipe record [-h] [--duration S] [--force] [--buffer-kb KB] [--global] [--checkpoints S] "
+              "[--json] [-q] OUTDIR [-- COMMAND ...]")
     rec.add_argument("outdir", metavar="OUTDIR", help="folder to create (must not exist unless --force)")
     rec.add_argument("--duration", type=float_at_least(0, strict=True), default=None, metavar="S",
                      help="stop after S seconds (with `-- COMMAND ...`: at the latest)")
     rec.add_argument("--force", action="store_true", help=FORCE_HELP)
+    rec.add_argument("--buffer-kb", type=int_in(64, 1 << 22), default=None, metavar="KB",
+                     help="ring buffer per CPU while recording (default 65536, less if memory is short)")
+    rec.add_argument("--global", dest="use_global", action="store_true",
+                     help="record in the top-level tracing buffer (its settings are put back afterwards) "
+                          "instead of a private tracing instance")
+    rec.add_argument("--checkpoints", type=float_at_least(0, strict=True), default=None, metavar="S",
+                     help="every S seconds, mark the trace and save /proc/buddyinfo, so prefixes of the "
+                          "recording can be checked against the kernel (raw/checkpoints)")
     add_output_options(rec, what="the summary")
     rec.set_defaults(func=cmd_record)
 
@@ -174,18 +186,39 @@ def cmd_record(args: argparse.Namespace) -> int:
     if command and shutil.which(command[0]) is None:
         raise UsageError(f"cannot run {command[0]!r}: no such command (give its path or check its spelling)")
     check_output_path(args.outdir, "OUTDIR", folder=True, force=args.force)
+    old_term = signal.getsignal(signal.SIGTERM)
     try:
+        def on_term(signum, frame):  # a kill ends the recording as Ctrl-C does: settings are put back
+            raise KeyboardInterrupt
+
+        old_term = signal.signal(signal.SIGTERM, on_term)
         with open_progress(show_progress(args)) as progress:
             s = record(args.outdir, duration=args.duration, command=command, replace=args.force,
-                       progress=progress)
+                       progress=progress, buffer_kb=args.buffer_kb, use_instance=not args.use_global,
+                       checkpoint_s=args.checkpoints or 0.0)
     except RecordError as e:
         raise UsageError(str(e)) from None
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     if args.json:
         print(json.dumps(s))
-    else:
+    elif not args.quiet:
         how = " (stopped by Ctrl-C)" if s["interrupted"] else ""
         print(f"recorded {s['events']:,} events in {s['seconds']} s to {s['outdir']}{how}"
-              + (f" (command exit status {s['returncode']})" if s["returncode"] is not None else ""))
+              + (f" (command exit status {s['returncode']})" if s["returncode"] is not None else "")
+              + f"; {s['events_per_s']:,} events/s, peak {s['peak_events_per_s']:,}/s; {s['lost_events']:,} events lost")
+    if s["restore_failed"]:
+        print(f"hintpipe: warning: could not put back tracing settings: {'; '.join(s['restore_failed'])}",
+              file=sys.stderr)
+    lost = max(s["lost_events"], s["lost_in_pages"])
+    if lost:
+        print(f"hintpipe: the kernel lost {lost:,} events (a ring buffer overran), so the recording is "
+              "incomplete; record again with a larger --buffer-kb or on a less busy machine", file=sys.stderr)
+        return 1
+    if s["undecoded"]:
+        print(f"hintpipe: {s['undecoded']:,} of the {s['kernel_read_events']:,} records the kernel handed out "
+              "did not decode, so the recording is incomplete", file=sys.stderr)
+        return 1
     # Ctrl-C is how a recording without --duration or COMMAND ends; otherwise it cut it short
     return 130 if s["interrupted"] and (command or args.duration) else 0
 

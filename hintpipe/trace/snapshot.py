@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 from hintpipe.units import MAX_ORDER, NR_ORDERS
 
@@ -19,6 +20,33 @@ from .stream import iter_raw
 
 KPF_BUDDY = 10
 """Bit of /proc/kpageflags set on pages that sit in a buddy free list (include/uapi/linux/kernel-page-flags.h)."""
+KPAGEFLAGS = Path("/proc/kpageflags")
+
+
+def snapshot_kpageflags(out: str | Path, src: str | Path = KPAGEFLAGS, level: int = 3) -> int:
+    """Stream ``/proc/kpageflags`` into a zstd file without holding it in memory; returns the
+    bytes read (8 per PFN)."""
+    n = 0
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    with open(src, "rb", buffering=0) as f, open(out, "wb") as dst, cctx.stream_writer(dst) as z:
+        while b := f.read(1 << 20):
+            z.write(b)
+            n += len(b)
+    return n
+
+
+def buddy_only_kpageflags(src: str | Path, out: str | Path, level: int = 19) -> int:
+    """Copy a kpageflags snapshot keeping only KPF_BUDDY (all a replay reads), which compresses
+    several times smaller; returns the bytes written. Used for test data."""
+    parts = []
+    carry = b""
+    for piece in iter_raw(src):
+        data = carry + piece
+        cut = len(data) - len(data) % 8
+        carry = data[cut:]
+        parts.append(np.frombuffer(data, "<u8", count=cut // 8) & np.uint64(1 << KPF_BUDDY))
+    Path(out).write_bytes(zstandard.ZstdCompressor(level=level, write_checksum=True).compress(np.concatenate(parts).tobytes()))
+    return Path(out).stat().st_size
 
 
 def read_kpageflags_buddy(path: str | Path) -> np.ndarray:
