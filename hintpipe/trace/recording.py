@@ -96,15 +96,7 @@ class RawEvents:
             raise TraceError("lost-events", f"the recorder lost {meta_lost} events (a ring buffer overran); "
                              "a replay would drift (re-record, or pass skip_bad)", sp)
         ds = self.decode_stats = DecodeStats()
-        seen = 0
         for b in iter_raw_batches(self.raw_dir, ds, strict=not self.skip_bad):
-            if len(ds.losses) > seen:
-                cpu, ts, n = ds.losses[seen]
-                if not self.skip_bad:
-                    what = f"{n} events" if n >= 0 else "events"
-                    raise TraceError("lost-events", f"the kernel lost {what} on CPU {cpu} before time stamp "
-                                     f"{ts / 1e9:.6f} s; a replay would drift (re-record, or pass skip_bad)", sp)
-                seen = len(ds.losses)
             check_orders(b, sp)
             outside = b.outside(self.page_count)
             if outside.any():
@@ -118,6 +110,12 @@ class RawEvents:
             stats.lines += len(b)
             stats.events += len(b)
             yield b
+        # (the per-CPU decoders' counts are complete once the pages are all read)
+        if ds.losses and not self.skip_bad:
+            cpu, ts, n = min(ds.losses, key=lambda x: x[1])
+            what = f"{n} events" if n >= 0 else "events"
+            raise TraceError("lost-events", f"the kernel lost {what} on CPU {cpu} before time stamp "
+                             f"{ts / 1e9:.6f} s; a replay would drift (re-record, or pass skip_bad)", sp)
         lost = max(meta_lost, ds.lost_events)
         if lost or ds.lost_unknown:
             stats.lost_events += lost
