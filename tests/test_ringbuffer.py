@@ -367,3 +367,21 @@ def test_real_pages_decode_to_what_the_kernel_printed():
         assert np.array_equal(getattr(ev, k), getattr(text, k)), k
     assert np.array_equal((ev.ts_ns + 500) // 1000 * 1000, text.ts_ns)  # the text rounds to the microsecond
     assert {0, 1, 2, 3} <= set(np.unique(ev.etype).tolist())
+
+
+def test_the_specs_example_page_decodes_as_the_spec_says():
+    """protocols/recording-v1.md section 8, read from the spec itself."""
+    import re
+    from pathlib import Path
+    spec = (Path(__file__).resolve().parents[1] / "protocols" / "recording-v1.md").read_text()
+    block = spec.split("## 8.")[1].split("```")[1]
+    page_bytes = bytearray(4096)
+    for line in block.strip().splitlines():
+        m = re.match(r"([0-9a-f]{2}): ((?:[0-9a-f]{2} )+)", line)
+        off = int(m.group(1), 16)
+        data = bytes.fromhex(m.group(2))
+        page_bytes[off:off + len(data)] = data
+    dec = RingBufferDecoder.from_dir(DESCRIPTIONS)
+    ev = dec.decode_pages(bytes(page_bytes), cpu=0)
+    assert ev.etype.tolist() == [FREE] and ev.pfn.tolist() == [0x1234] and ev.order.tolist() == [2]
+    assert ev.ts_ns.tolist() == [1_000_000_008]
