@@ -3,7 +3,8 @@
     python bench/run.py [--quick] [--json OUT] [--plot DIR] [--only NAME[,NAME...]]
 
 Benchmarks (modules bench/b_*.py, each ``run(quick) -> dict``): apply (host skip bitmap),
-codec, walker, e2e (two processes per transport), replay (real recordings), scale (fresh
+codec, walker, e2e (two processes per transport), replay (real recordings), load (a
+recording's events by path: text, text cached, raw, trace-v1), scale (fresh
 process per guest size), migration (outcome with and without hinting), wp (write-protect fault
 rates, when bench_wp_rate.py exists). ``--quick`` is sized to finish in under two minutes on a
 2-core machine. Top-level JSON keys other tools read: host_apply_mranges_per_s,
@@ -25,7 +26,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import format_table, machine_info, row, write_json  # noqa: E402
 
-ORDER = ("apply", "codec", "walker", "e2e", "replay", "scale", "migration", "wp")
+ORDER = ("apply", "codec", "walker", "e2e", "replay", "load", "scale", "migration", "wp")
 
 
 def run_all(quick: bool, only: list[str] | None = None, log=print, progress=None) -> dict:

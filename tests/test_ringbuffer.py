@@ -385,3 +385,20 @@ def test_the_specs_example_page_decodes_as_the_spec_says():
     ev = dec.decode_pages(bytes(page_bytes), cpu=0)
     assert ev.etype.tolist() == [FREE] and ev.pfn.tolist() == [0x1234] and ev.order.tolist() == [2]
     assert ev.ts_ns.tolist() == [1_000_000_008]
+
+
+def test_cutting_pages_at_a_time_keeps_exactly_the_records_up_to_it(dec):
+    rng = np.random.default_rng(11)
+    pages, ts = [], 0
+    for _ in range(6):
+        recs = [Rec("data", int(rng.integers(1, 50)), free(dec, int(rng.integers(0, 1 << 20))))
+                for _ in range(int(rng.integers(20, 140)))]
+        pages.append(mk(dec, ts, recs))
+        ts += 10_000
+    whole = dec.decode_pages(b"".join(pages), 0)
+    for cut in [int(whole.ts_ns[0]) - 1, int(whole.ts_ns[0]), int(whole.ts_ns[137]), int(whole.ts_ns[-1])]:
+        part = dec.cut_pages(b"".join(pages), cut)
+        got = dec.decode_pages(part, 0)
+        want = whole.take(whole.ts_ns <= cut)
+        assert np.array_equal(got.pfn, want.pfn) and np.array_equal(got.ts_ns, want.ts_ns)
+        assert len(part) <= len(b"".join(pages)) and len(part) % 4096 == 0

@@ -494,6 +494,43 @@ class RingBufferDecoder:
 
     # -- public ------------------------------------------------------------------------------
 
+    def cut_pages(self, pages: bytes, until_ns: int) -> bytes:
+        """One CPU's pages (in read order) up to the last record stamped at or before
+        ``until_ns``: the page holding the first later record keeps only what precedes it (its
+        commit word shortened, the rest zeroed, flags kept), and later pages are dropped. The
+        result is pages as the kernel could have written them had tracing stopped there."""
+        ps = self.layout.page_size
+        src = np.frombuffer(pages, np.uint8)
+        if len(src) % ps:
+            raise TraceError("corrupt", f"{len(src)} bytes are not a whole number of {ps}-byte pages")
+        # a page stamped after the cut holds only later records: only the pages before it matter
+        L = self.layout
+        page_ts = src.reshape(-1, ps)[:, L.ts_offset:L.ts_offset + 8].copy().view("<u8").ravel().view(np.int64)
+        n = int(np.searchsorted(np.maximum.accumulate(page_ts), until_ns, side="right")) if len(page_ts) else 0
+        if n == 0:
+            return b""
+        src = src[:n * ps]
+        raw = np.zeros(len(src) + PAD, np.uint8)
+        raw[:len(src)] = src
+        u64 = _u64_windows(raw)
+        stats = DecodeStats()
+        starts, ts0, size, _ = self._page_headers(u64, n, stats)
+        hdr, _, ts, page = self._walk(u64, starts, ts0, size, stats)
+        later = np.flatnonzero(ts.view(np.int64) > until_ns)
+        if not len(later):
+            return src.tobytes()
+        i = int(later[0])
+        p = int(page[i])
+        keep = bytearray(src[:(p + 1) * ps].tobytes())
+        data = int(hdr[i] - starts[p]) - L.data_offset
+        if data == 0:
+            return bytes(keep[:p * ps])
+        word = int.from_bytes(keep[p * ps + L.commit_offset:p * ps + L.commit_offset + L.commit_size], "little")
+        word = (word & ~COMMIT_SIZE_MASK & ~MISSED_STORED) | data
+        keep[p * ps + L.commit_offset:p * ps + L.commit_offset + L.commit_size] = word.to_bytes(L.commit_size, "little")
+        keep[p * ps + L.data_offset + data:(p + 1) * ps] = bytes(ps - L.data_offset - data)
+        return bytes(keep)
+
     def decode_pages(self, pages: bytes | bytearray | memoryview | np.ndarray, cpu: int,
                      stats: DecodeStats | None = None) -> EventBatch:
         """Decode a run of whole pages read from one CPU's ``trace_pipe_raw``, in read order."""

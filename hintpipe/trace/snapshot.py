@@ -25,11 +25,12 @@ KPAGEFLAGS = Path("/proc/kpageflags")
 
 def snapshot_kpageflags(out: str | Path, src: str | Path = KPAGEFLAGS, level: int = 3) -> int:
     """Stream ``/proc/kpageflags`` into a zstd file without holding it in memory; returns the
-    bytes read (8 per PFN)."""
+    bytes read (8 per PFN). The kernel computes each entry as it is read: about 1.1-1.7 s for
+    6.5 M PFNs on the development machine (two readers in parallel were no faster)."""
     n = 0
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
     with open(src, "rb", buffering=0) as f, open(out, "wb") as dst, cctx.stream_writer(dst) as z:
-        while b := f.read(1 << 20):
+        while b := f.read(4 << 20):
             z.write(b)
             n += len(b)
     return n
