@@ -146,6 +146,7 @@ def run(quick: bool = True, recordings: list[str] | None = None, raw: str | None
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # this checkout's hintpipe, as bench/run.py does
     args = sys.argv[1:]
     raw_arg = args[args.index("--raw") + 1] if "--raw" in args else None
     recs = [a for a in args if not a.startswith("--") and a != raw_arg]
