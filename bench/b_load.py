@@ -33,10 +33,17 @@ GOAL = 2.0  # M events/s for the whole replay process (issue 12)
 def _load(path: Path, cache: bool, cache_dir: Path) -> tuple[float, int]:
     from hintpipe.trace.recording import open_trace
 
+    before = os.environ.get("HINTPIPE_TRACE_CACHE")
     os.environ["HINTPIPE_TRACE_CACHE"] = str(cache_dir)
-    t0 = time.perf_counter()
-    n = len(open_trace(path, cache=cache).events())
-    return time.perf_counter() - t0, n
+    try:
+        t0 = time.perf_counter()
+        n = len(open_trace(path, cache=cache).events())
+        return time.perf_counter() - t0, n
+    finally:
+        if before is None:
+            del os.environ["HINTPIPE_TRACE_CACHE"]
+        else:
+            os.environ["HINTPIPE_TRACE_CACHE"] = before
 
 
 def _process(path: Path, args: list[str], cache_dir: Path) -> float:

@@ -86,3 +86,13 @@ def test_library_and_python_baseline_mark_the_same_bitmap():
     lib.apply_hints(ranges)
     b_apply.python_loop(ref, ranges)
     assert lib.skip.any() and np.array_equal(lib.skip, ref.skip)
+
+
+def test_loading_paths_all_load_the_same_events(tmp_path):
+    import b_load
+
+    rec = Path(__file__).parent / "data" / "traces" / "numpy-churn"
+    out = b_load.measure(rec, ["text cold", "text first run", "text cached", "trace-v1"], runs=1,
+                         process_runs=0, work=tmp_path)
+    assert {p["events"] for p in out["paths"].values()} == {40_000}
+    assert all(p["load_mevents_per_s"]["runs"] == 1 and p["process_s"] is None for p in out["paths"].values())
