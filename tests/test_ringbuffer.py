@@ -402,3 +402,18 @@ def test_cutting_pages_at_a_time_keeps_exactly_the_records_up_to_it(dec):
         want = whole.take(whole.ts_ns <= cut)
         assert np.array_equal(got.pfn, want.pfn) and np.array_equal(got.ts_ns, want.ts_ns)
         assert len(part) <= len(b"".join(pages)) and len(part) % 4096 == 0
+
+
+def test_a_raw_recording_converts_to_trace_v1_and_inspects(tmp_path, capsys):
+    from hintpipe.cli import main
+    from hintpipe.trace.recording import convert
+    rec = DATA.parent / "corpus" / "idle"
+    s = convert(rec, tmp_path / "idle.hpt")
+    a, b = open_trace(rec).events(), open_trace(tmp_path / "idle.hpt").events()
+    assert s["events"] == len(a) == len(b) > 10_000
+    assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in COLUMNS)
+    assert main(["inspect", str(rec), "--json", "--samples", "5"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["events"] == len(a) and info["encoding"] == "trace-v1"  # through the cache
+    assert main(["inspect", str(rec), "--json", "--samples", "5", "--no-cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["encoding"] == "ring-buffer"
