@@ -192,7 +192,7 @@ def test_ctrl_c_ends_a_recording_and_puts_everything_back(tmp_path, untouched):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while not (tmp_path / "rec" / "buddyinfo.start").exists() and time.monotonic() < deadline:
+        while not (tmp_path / "rec.part" / "buddyinfo.start").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
         p.send_signal(signal.SIGINT)
