@@ -213,8 +213,9 @@ class Producer:
                     await self._credit.wait()
                 # the kernel cannot interrupt a lock holder either: a StopRound lands after the batch
                 with trio.CancelScope(shield=True):
-                    async with self.zone.walker():
+                    async with self.zone.walker() as hold:
                         pfns, orders = self.walker.next_batch()
+                        hold.found = len(pfns)
                 if len(pfns) == 0:
                     if self.walker.done:
                         break

@@ -59,7 +59,7 @@ class HostOptions:
     max_guest_pages: int = 1 << 26
 
 
-_LOCK_KEYS = ("batches", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
+_LOCK_KEYS = ("batches", "empty_holds", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
               "p99_alloc_wait_us", "max_alloc_wait_us")
 """The guest-reported zone lock figures a host report carries."""
 

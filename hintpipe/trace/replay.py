@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import trio
@@ -21,7 +21,7 @@ import trio.testing
 
 from hintpipe.config import ReplayUsageError, RunConfig
 from hintpipe.guest.memory import GuestMemory
-from hintpipe.guest.walker import WalkerStats
+from hintpipe.guest.walker import DEFAULT_BUDGET_US, HoldBudget, WalkerStats
 from hintpipe.guest.workload import PauseGate, WorkloadConfig
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationEngine, MigrationResult
@@ -31,7 +31,7 @@ from hintpipe.host.timeline import Timeline
 from hintpipe.inprocess import InProcessLink, migrate_in_process
 from hintpipe.progress import NO_PROGRESS, MigrationObserver, Progress, RoundProgress, Task
 from hintpipe.report import HintFigures, RunOutcome, RunResult, replay_run_report
-from hintpipe.units import NR_ORDERS, order_pages
+from hintpipe.units import MAX_ORDER, NR_ORDERS, order_pages
 from hintpipe.wp.sim import SimBackend
 
 from .events import EventBatch
@@ -44,89 +44,155 @@ __all__ = ["ReplayUsageError", "TraceWalker", "TraceWorkload", "ReplayRun", "rep
            "replay_outcome"]
 
 
+_NO_BLOCKS = (np.empty(0, np.int64), np.empty(0, np.uint8))
+_ONE = np.int64(1)
+
+
+def _maximal_blocks(free: np.ndarray, min_order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the set entries of ``free`` (one per aligned ``2**min_order``-page slot, entry 0
+    aligned to ``2**MAX_ORDER`` pages) into maximal aligned blocks of order <= MAX_ORDER, as the
+    buddy allocator merges them; return (first slot int64, order uint8), in slot order."""
+    levels = [free]  # levels[j][i]: the order-(min_order + j) block i is entirely free
+    for _ in range(min_order, MAX_ORDER):
+        lv = levels[-1]
+        levels.append(lv[: len(lv) & ~1].reshape(-1, 2).all(axis=1))
+    slot_parts, order_parts = [], []
+    for j in range(len(levels) - 1, -1, -1):
+        own = levels[j]
+        if j + 1 < len(levels) and levels[j + 1].size:
+            own = own.copy()
+            own[: 2 * levels[j + 1].size].reshape(-1, 2)[levels[j + 1]] = False  # in a free parent
+        idx = own.nonzero()[0]
+        if idx.size:
+            slot_parts.append(idx.astype(np.int64) << j)
+            order_parts.append(np.full(idx.size, min_order + j, np.uint8))
+    if not slot_parts:
+        return _NO_BLOCKS
+    slots, orders = np.concatenate(slot_parts), np.concatenate(order_parts)
+    by_slot = np.argsort(slots)
+    return slots[by_slot], orders[by_slot]
+
+
+def _row_table(levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """For rows of ``2**levels`` slots (one max-order block each): the weights that turn a row's
+    free slots into a pattern number, and per pattern the (order + 1) of the maximal block
+    beginning at each slot (0: none), orders counted from min_order = MAX_ORDER - levels."""
+    width = 1 << levels
+    weights = (1 << np.arange(width)).astype(np.uint8)
+    table = np.zeros((1 << width, width), np.uint8)
+    mo = MAX_ORDER - levels
+    for pattern in range(1 << width):
+        free = ((pattern >> np.arange(width)) & 1).astype(bool)
+        first, orders = _maximal_blocks(free, mo)
+        table[pattern, first] = orders + 1
+    return weights, table
+
+
+# rows of up to 8 slots: min_order 7..10 (the default, 9, is a row of two slots)
+_ROW_TABLES = {levels: _row_table(levels) for levels in range(4)}
+
+
 class TraceWalker:
     """Lock-bounded walk of a replay model's buddy-free pages, with the FreeListWalker interface.
 
-    The model keeps a free-page bitmap, not free lists, so the walk goes through the PFN space in
-    windows of ``WINDOW`` pages: each window's free pages are split into maximal aligned blocks of
-    order >= ``min_order`` (top order first within the window) when the walk reaches it, so no
-    single lock hold pays for the whole guest. Each block is checked (vectorised) to be still
-    entirely free at the moment it is reported; a block is reported at most once per round
-    because windows never overlap. Blocks freed behind the walk are left to the next round. The
-    model cannot isolate, so ``isolate`` is always False.
+    The model keeps a free-page bitmap, not free lists, so the walk goes through the PFN space
+    in windows of ``WINDOW`` pages, one bounded step per window visit: the step reads the
+    window's free bits once, per ``2**min_order``-page slot (orders below ``min_order`` are never
+    computed), merges whole free slots into maximal aligned blocks up to MAX_ORDER, and takes
+    those at or after the walk's cursor in pfn order, up to the batch's room. A block is free
+    when the step that returns it reads the bitmap, so it is still free when reported; the
+    cursor moves past every block taken, so no block is reported twice in a round. Blocks freed
+    behind the walk are left to the next round. The lock budget is kept as in
+    :class:`~hintpipe.guest.walker.FreeListWalker` (:class:`~hintpipe.guest.walker.HoldBudget`):
+    every hold ends within the budget plus at most one step. The model cannot isolate, so
+    ``isolate`` is always False.
     """
 
     isolate = False
-    WINDOW = 1 << 14
+    WINDOW = 1 << 16  # pages per step: one 64 KiB read of the free bitmap, about 15 us here
 
-    def __init__(self, model: ReplayModel, *, min_order: int = 9, batch: int = 32, time_budget_us: float = 200.0):
+    def __init__(self, model: ReplayModel, *, min_order: int = 9, batch: int = 32,
+                 time_budget_us: float = DEFAULT_BUDGET_US, clock: Callable[[], float] = time.thread_time):
+        if not 0 <= min_order <= MAX_ORDER:
+            raise ValueError(f"min_order {min_order} outside 0..{MAX_ORDER}")
         self.model = model
         self.min_order = min_order
         self.batch = batch
         self.time_budget_s = time_budget_us * 1e-6
+        self.budget = HoldBudget(self.time_budget_s, clock)
         self.stats = WalkerStats()
-        self._pfns = np.empty(0, np.uint64)
-        self._orders = np.empty(0, np.uint8)
-        self._pos = 0
-        self._next_window = model.page_count  # no round yet
-        # the first call pays numpy's one-off setup (~10 ms): keep it out of the first lock hold
-        model.is_free_block(np.zeros(1, np.uint64), np.zeros(1, np.uint8))
+        self._cursor = model.page_count  # no round yet
+        self._window_blocks(0)  # numpy's first-call costs, outside any lock hold
 
     @property
     def done(self) -> bool:
         """No more blocks to visit this round."""
-        return self._pos >= len(self._pfns) and self._next_window >= self.model.page_count
+        return self._cursor >= self.model.page_count
 
     def start_round(self) -> None:
         """Begin a walk from PFN 0 (call with the zone lock held)."""
-        self._pfns = np.empty(0, np.uint64)
-        self._orders = np.empty(0, np.uint8)
-        self._pos = 0
-        self._next_window = 0
+        self._cursor = 0
         self.stats.rounds += 1
 
     def stop(self) -> None:
         """Abandon the walk."""
-        self._pos = len(self._pfns)
-        self._next_window = self.model.page_count
+        self._cursor = self.model.page_count
 
-    def _load_window(self) -> None:
-        a = self._next_window
-        b = min(self.model.page_count, a + self.WINDOW)
-        pfns, orders = decompose(self.model.free_mask[a:b], self.min_order)
-        self._pfns = pfns + np.uint64(a)
-        self._orders = orders
-        self._pos = 0
-        self._next_window = b
+    def _window_blocks(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """The maximal free blocks of order >= min_order in the window at ``start`` (a multiple
+        of WINDOW), in pfn order: (pfns int64, orders uint8).
+
+        Few numpy calls, whatever the window holds: with caches cold (the trace's events ran
+        since the last hold) each call costs microseconds here. The window's free bits are read
+        once per ``2**min_order``-page slot; each max-order block of slots is one row, and its
+        pattern of free slots (at most 8 slots a row: min_order >= MAX_ORDER - 3) indexes a
+        table of the row's maximal blocks. Lower min_orders and a guest's ragged last window
+        take :func:`_maximal_blocks` instead.
+        """
+        mo = self.min_order
+        slots = (min(self.model.page_count, start + self.WINDOW) - start) >> mo
+        free = self.model.free_mask[start:start + (slots << mo)].reshape(slots, 1 << mo).all(axis=1)
+        if not free.any():
+            return _NO_BLOCKS
+        table = _ROW_TABLES.get(MAX_ORDER - mo)
+        if table is None or slots % len(table[0]):
+            pfns, orders = _maximal_blocks(free, mo)
+            return (pfns << mo) + start, orders
+        codes = table[1][free.reshape(-1, len(table[0])).view(np.uint8) @ table[0]].ravel()
+        idx = codes.nonzero()[0]  # slots that begin a maximal block, ascending
+        return (idx << mo) + start, codes[idx] - 1
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``batch`` blocks still free now; empty when the walk is complete or the time
-        budget ran out while scanning windows without free blocks (check :attr:`done`)."""
-        t0 = time.perf_counter()
-        deadline = t0 + self.time_budget_s
-        got_p, got_o, n = [], [], 0
-        while n < self.batch and not self.done:
-            if self._pos >= len(self._pfns):
-                self._load_window()
-                if time.perf_counter() > deadline:
-                    break  # possibly empty-handed: the caller sees done is False and comes back
-                continue
-            end = min(len(self._pfns), self._pos + 4 * self.batch)
-            p, o = self._pfns[self._pos:end], self._orders[self._pos:end]
-            ok = np.flatnonzero(self.model.is_free_block(p, o))[: self.batch - n]
-            if n + len(ok) >= self.batch:
-                end = self._pos + int(ok[-1]) + 1  # resume right after the last block taken
-            got_p.append(p[ok])
-            got_o.append(o[ok])
-            n += len(ok)
-            self._pos = end
-            if n and time.perf_counter() > deadline:
-                break
-        pfns = np.concatenate(got_p) if got_p else np.empty(0, np.uint64)
-        orders = np.concatenate(got_o) if got_o else np.empty(0, np.uint8)
-        if n:
-            pages = int(order_pages(orders).sum())
-            self.stats.record_batch(n, pages, time.perf_counter() - t0, False)
+        """Up to ``batch`` blocks free now; empty when the walk is complete or the time budget
+        ran out while scanning windows without free blocks (check :attr:`done`)."""
+        budget = self.budget
+        budget.begin()
+        n = self.model.page_count
+        got_p, got_o, found = [], [], 0
+        while found < self.batch and self._cursor < n and not budget.cut:
+            start = self._cursor - self._cursor % self.WINDOW
+            p, o = self._window_blocks(start)
+            if self._cursor > start and p.size:  # resuming inside this window
+                keep = p >= self._cursor
+                p, o = p[keep], o[keep]
+            room = self.batch - found
+            if p.size > room:  # pfn order: resume after the last block taken
+                p, o = p[:room], o[:room]
+                self._cursor = int(p[-1]) + (1 << int(o[-1]))
+            else:
+                self._cursor = min(n, start + self.WINDOW)
+            if p.size:
+                got_p.append(p)
+                got_o.append(o)
+                found += p.size
+            budget.step_done()
+        if found:
+            pfns = (got_p[0] if len(got_p) == 1 else np.concatenate(got_p)).view(np.uint64)
+            orders = got_o[0] if len(got_o) == 1 else np.concatenate(got_o)
+            pages = int((_ONE << orders).sum())
+        else:
+            pfns, orders, pages = _NO_BLOCKS[0].view(np.uint64), _NO_BLOCKS[1], 0
+        self.stats.record_batch(found, pages, budget.finish(), budget.cut)
         return pfns, orders
 
     def release(self, pfns: np.ndarray, orders: np.ndarray) -> None:
