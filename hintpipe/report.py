@@ -96,10 +96,14 @@ def migration_figures(run: MigrationResult, baseline: MigrationResult | None) ->
     """``migration.*`` of a report: the hinted run's figures and its baseline's next to them."""
     mig = run.as_dict()
     mig["pages_sent_baseline"] = baseline.pages_sent if baseline else None
+    mig["zero_pages_sent_baseline"] = baseline.zero_pages_sent if baseline else None
+    mig["bytes_sent_baseline"] = baseline.bytes_sent if baseline else None
     mig["time_s_baseline"] = round(baseline.time_s, 4) if baseline else None
     mig["lost_pages_baseline"] = baseline.lost_pages if baseline else None
     if baseline and baseline.pages_sent:
         mig["pages_saved_pct"] = round(100 * (1 - run.pages_sent / baseline.pages_sent), 2)
+    if baseline and baseline.bytes_sent:
+        mig["bytes_saved_pct"] = round(100 * (1 - run.bytes_sent / baseline.bytes_sent), 2)
     return mig
 
 
@@ -121,6 +125,7 @@ def run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None) -> di
             "wp": run.wp.get("backend", cfg.wp),
             "memory": cfg.memory,
             "seed": cfg.workload.seed,
+            "history": cfg.workload.history,
         },
         "migration": migration_figures(run.migration, baseline.migration if baseline else None),
         "hints": asdict(run.hints),
@@ -129,6 +134,8 @@ def run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None) -> di
         "lock": {"max_hold_us": lock["max_hold_us"], "max_alloc_wait_us": lock["max_alloc_wait_us"], **lock},
         "notifications": run.notifications,
         "workload": run.workload,
+        # the baseline runs the same seeded workload, but its rounds last longer, so it writes more
+        "workload_baseline": baseline.workload if baseline else None,
         "wall_s": round(run.wall_s + (baseline.wall_s if baseline else 0.0), 3),
     }
 
@@ -161,11 +168,16 @@ def format_summary(rep: dict) -> str:
     """Human-readable summary of a migration report (the same figures as --json)."""
     c, m, h, lk = rep["config"], rep["migration"], rep["hints"], rep["lock"]
     base = m.get("pages_sent_baseline")
+    bbase = m.get("bytes_sent_baseline")
+    hist = f", history {c['history']}" if c.get("history") is not None else ""
     lines = [
-        f"guest {c['gib']} GiB ({c['pages']} pages), workload {c['workload']}, "
+        f"guest {c['gib']} GiB ({c['pages']} pages), workload {c['workload']}{hist}, "
         f"link {c['bandwidth_gbit']} Gbit/s, race mode {c['race_mode']}, batch {c['batch']}, min order {c['min_order']}, "
         f"memory {c.get('memory', 'sim')}, write tracking {c.get('wp', 'sim')}",
-        f"pages sent        {m['pages_sent']:>12,}" + (f"   (baseline without hinting {base:,}, saved {m.get('pages_saved_pct', 0)}%)" if base else ""),
+        f"bytes sent        {_gib(m['bytes_sent']):>12}"
+        + (f"   (baseline without hinting {_gib(bbase)}, saved {m.get('bytes_saved_pct', 0)}%)" if bbase else ""),
+        f"pages sent        {m['pages_sent']:>12,}   {m['zero_pages_sent']:,} of them zero (header only)"
+        + (f"; baseline {base:,}, {m['zero_pages_sent_baseline']:,} zero, pages saved {m.get('pages_saved_pct', 0)}%" if base else ""),
         f"pages skipped     {m['pages_skipped']:>12,}   skip efficiency {m['skip_efficiency']}",
         f"rounds            {m['rounds']:>12}   migration time {m['time_s']:.3f} s"
         + (f" (baseline {m['time_s_baseline']:.3f} s)" if m.get("time_s_baseline") is not None else "")
@@ -179,6 +191,10 @@ def format_summary(rep: dict) -> str:
         + ("VERIFIED" if m["verified"] else "LOSS DETECTED"),
     ]
     return "\n".join(lines)
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.3f} GiB"
 
 
 def format_replay(rep: dict) -> str:

@@ -1,7 +1,9 @@
 """Guest workloads: what the vCPUs do to memory while the guest is being migrated.
 
 Both workloads boot the same way: ``static_fraction`` of memory is allocated in max-order
-blocks and written once (kernel, page cache, a resident application). ``idle`` then only touches
+blocks and written once (kernel, page cache, a resident application); then ``history`` of the
+pages still free get old data, as in a guest that has run a while (Linux does not zero freed
+pages; ``history`` 0 is a freshly booted guest whose free pages were never written). ``idle`` then only touches
 a few static pages per second. ``churn`` also allocates and frees blocks of a configurable order
 mix around ``churn_fraction`` of memory, writes each block it allocates (an allocation is a
 write), and rewrites random allocated pages. Time is trio's clock; all randomness comes from one
@@ -20,6 +22,8 @@ from hintpipe.guest.memory import GuestMemory
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.units import MAX_ORDER, block_pages
 
+_AGE_CHUNK = 1 << 20  # pages given old data per step at boot
+
 # mostly small allocations, a few huge-page sized ones: about 8 pages written per allocation
 DEFAULT_ORDER_MIX = ((0, 0.6), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.09), (9, 0.01))
 
@@ -37,6 +41,11 @@ class WorkloadConfig:
     unmovable_fraction: float = 0.2
     tick_s: float = 0.002
     seed: int = 1
+    history: float = 1.0
+    """Fraction of the pages free when migration starts that hold old data (written and freed
+    before). 1.0: the guest's page cache has cycled through all of its memory since boot, the
+    usual state of a guest that has run a while; 0.0: a freshly booted guest (or one with
+    ``init_on_free=1``), whose free pages are all zero."""
 
     @classmethod
     def idle(cls, **kw) -> "WorkloadConfig":
@@ -61,6 +70,8 @@ class WorkloadConfig:
             raise ValueError("tick must be > 0 and operation and write rates >= 0")
         if not 0 <= self.static_fraction + self.churn_fraction < 1:
             raise ValueError("static_fraction + churn_fraction must be in [0, 1)")
+        if not 0 <= self.history <= 1:
+            raise ValueError(f"history must be in [0, 1], got {self.history}")
         for order, weight in self.order_mix:
             if not 0 <= order <= MAX_ORDER or weight < 0:
                 raise ValueError(f"bad order mix entry {(order, weight)}")
@@ -75,6 +86,8 @@ class WorkloadStats:
     alloc_failures: int = 0
     pages_written: int = 0
     ticks: int = 0
+    history_pages: int = 0
+    """Free pages given old data at boot (see ``WorkloadConfig.history``)."""
 
 
 class PauseGate:
@@ -152,6 +165,22 @@ class Workload:
             pages = block_pages(self._static, np.full(len(self._static), MAX_ORDER))
             await self.memory.write(pages)
             self.stats.pages_written += len(pages)
+        await self._age()
+
+    async def _age(self) -> None:
+        """Give ``history`` of the free pages old data, chosen page by page with a generator
+        of its own (so the workload's run is the same whatever the history)."""
+        h = self.cfg.history
+        if h <= 0:
+            return
+        rng = np.random.default_rng([self.cfg.seed, 1])
+        n = self.alloc.page_count
+        for a in range(0, n, _AGE_CHUNK):  # bounded temporaries on any guest size
+            pages = np.flatnonzero(self.alloc.free_mask[a:a + _AGE_CHUNK]) + a
+            if h < 1:
+                pages = pages[rng.random(len(pages)) < h]
+            await self.memory.write(pages)
+            self.stats.history_pages += len(pages)
 
     async def run(self) -> None:
         """Run forever (until cancelled), one tick of work per ``tick_s`` of guest time."""

@@ -49,6 +49,7 @@ class Timeline(MigrationObserver):
         self._spacing = 1  # doubled each time the table is thinned
         self._chunk = 0
         self._t0: float | None = None
+        self._clock = trio.current_time
         self._wall0 = 0.0
         self._cost = 0.0
         self._sent_before = 0
@@ -62,7 +63,8 @@ class Timeline(MigrationObserver):
     # ---- MigrationObserver -----------------------------------------------------------------
     def round_started(self, engine, index, live) -> None:
         if self._t0 is None:
-            self._t0 = trio.current_time()
+            self._clock = engine.now  # the migration's clock: the link's oversleep is not charged
+            self._t0 = self._clock()
             self._wall0 = time.perf_counter()
         n = engine.state.page_count
         chunks = -(-n // engine.cfg.chunk_for(n))
@@ -95,7 +97,7 @@ class Timeline(MigrationObserver):
 
     # ---- samples -----------------------------------------------------------------------------
     def _now(self) -> float:
-        return trio.current_time() - (self._t0 or 0.0)
+        return self._clock() - (self._t0 or 0.0)
 
     def _sample(self, engine, index: int, sent: int, skipped: int) -> None:
         t = time.perf_counter()

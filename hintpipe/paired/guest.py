@@ -58,7 +58,8 @@ class GuestOptions:
 
 def guest_config_dict(cfg: RunConfig) -> dict:
     """The part of the guest's configuration the host puts in its report."""
-    return {"workload": cfg.workload.kind, "seed": cfg.workload.seed, "batch": cfg.batch,
+    return {"workload": cfg.workload.kind, "seed": cfg.workload.seed, "history": cfg.workload.history,
+            "batch": cfg.batch,
             "min_order": cfg.min_order, "race_mode": cfg.race_mode, "queue_size": cfg.queue_size,
             "event_idx": cfg.event_idx}
 

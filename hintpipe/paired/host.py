@@ -80,8 +80,11 @@ def _report_config(base: RunConfig, pages: int, guest_cfg: dict) -> RunConfig:
     cfg = replace(base, pages=pages)
     try:
         kind = guest_cfg.get("workload")
+        history = guest_cfg.get("history")
+        if not (isinstance(history, (int, float)) and not isinstance(history, bool) and 0 <= history <= 1):
+            history = cfg.workload.history
         wl = replace(cfg.workload, kind=kind if kind in ("idle", "churn") else cfg.workload.kind,
-                     seed=int(_num(guest_cfg.get("seed")) or cfg.workload.seed))
+                     seed=int(_num(guest_cfg.get("seed")) or cfg.workload.seed), history=float(history))
         cfg = replace(cfg, workload=wl,
                       batch=int(_num(guest_cfg.get("batch")) or cfg.batch),
                       min_order=int(_num(guest_cfg.get("min_order")) or cfg.min_order),
