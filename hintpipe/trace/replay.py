@@ -46,6 +46,11 @@ __all__ = ["ReplayUsageError", "TraceWalker", "TraceWorkload", "ReplayRun", "rep
 
 _NO_BLOCKS = (np.empty(0, np.int64), np.empty(0, np.uint8))
 _ONE = np.int64(1)
+_WINDOW = 1 << 16
+# a window whose pages are all free: one max-order block every 2**MAX_ORDER pages
+_MAX_HEADS = np.arange(0, _WINDOW, 1 << MAX_ORDER, dtype=np.int64)
+_MAX_ORDERS = np.full(len(_MAX_HEADS), MAX_ORDER, np.uint8)
+_MAX_ORDERS.flags.writeable = False  # handed out (or sliced) as a batch's orders: never mutated
 
 
 def _maximal_blocks(free: np.ndarray, min_order: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +114,7 @@ class TraceWalker:
     """
 
     isolate = False
-    WINDOW = 1 << 16  # pages per step: one 64 KiB read of the free bitmap, about 15 us here
+    WINDOW = _WINDOW  # pages per step: one 64 KiB read of the free bitmap, about 15 us here
 
     def __init__(self, model: ReplayModel, *, min_order: int = 9, batch: int = 32,
                  time_budget_us: float = DEFAULT_BUDGET_US, clock: Callable[[], float] = time.thread_time):
@@ -154,6 +159,8 @@ class TraceWalker:
         free = self.model.free_mask[start:start + (slots << mo)].reshape(slots, 1 << mo).all(axis=1)
         if not free.any():
             return _NO_BLOCKS
+        if slots == self.WINDOW >> mo and free.all():  # all free: max-order blocks end to end
+            return _MAX_HEADS + start, _MAX_ORDERS
         table = _ROW_TABLES.get(MAX_ORDER - mo)
         if table is None or slots % len(table[0]):
             pfns, orders = _maximal_blocks(free, mo)
