@@ -143,31 +143,33 @@ class TraceWalker:
         """Abandon the walk."""
         self._cursor = self.model.page_count
 
-    def _window_blocks(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+    def _window_blocks(self, start: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The maximal free blocks of order >= min_order in the window at ``start`` (a multiple
-        of WINDOW), in pfn order: (pfns int64, orders uint8).
+        of WINDOW), in pfn order: (pfns int64, orders uint8, the pages they cover).
 
         Few numpy calls, whatever the window holds: with caches cold (the trace's events ran
         since the last hold) each call costs microseconds here. The window's free bits are read
         once per ``2**min_order``-page slot; each max-order block of slots is one row, and its
         pattern of free slots (at most 8 slots a row: min_order >= MAX_ORDER - 3) indexes a
         table of the row's maximal blocks. Lower min_orders and a guest's ragged last window
-        take :func:`_maximal_blocks` instead.
+        take :func:`_maximal_blocks` instead. Every free slot is in exactly one block, so the
+        blocks cover the free slots' pages.
         """
         mo = self.min_order
         slots = (min(self.model.page_count, start + self.WINDOW) - start) >> mo
         free = self.model.free_mask[start:start + (slots << mo)].reshape(slots, 1 << mo).all(axis=1)
-        if not free.any():
-            return _NO_BLOCKS
-        if slots == self.WINDOW >> mo and free.all():  # all free: max-order blocks end to end
-            return _MAX_HEADS + start, _MAX_ORDERS
+        nfree = int(np.count_nonzero(free))
+        if nfree == 0:
+            return _NO_BLOCKS + (0,)
+        if nfree == self.WINDOW >> mo:  # all free: max-order blocks end to end
+            return _MAX_HEADS + start, _MAX_ORDERS, self.WINDOW
         table = _ROW_TABLES.get(MAX_ORDER - mo)
         if table is None or slots % len(table[0]):
             pfns, orders = _maximal_blocks(free, mo)
-            return (pfns << mo) + start, orders
+            return (pfns << mo) + start, orders, nfree << mo
         codes = table[1][free.reshape(-1, len(table[0])).view(np.uint8) @ table[0]].ravel()
         idx = codes.nonzero()[0]  # slots that begin a maximal block, ascending
-        return (idx << mo) + start, codes[idx] - 1
+        return (idx << mo) + start, codes[idx] - 1, nfree << mo
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``batch`` blocks free now; empty when the walk is complete or the time budget
@@ -175,30 +177,34 @@ class TraceWalker:
         budget = self.budget
         budget.begin()
         n = self.model.page_count
-        got_p, got_o, found = [], [], 0
+        got_p, got_o, found, pages = [], [], 0, 0
         while found < self.batch and self._cursor < n and not budget.cut:
             start = self._cursor - self._cursor % self.WINDOW
-            p, o = self._window_blocks(start)
-            if self._cursor > start and p.size:  # resuming inside this window
-                keep = p >= self._cursor
-                p, o = p[keep], o[keep]
+            p, o, npages = self._window_blocks(start)
             room = self.batch - found
-            if p.size > room:  # pfn order: resume after the last block taken
-                p, o = p[:room], o[:room]
-                self._cursor = int(p[-1]) + (1 << int(o[-1]))
+            if p.size and (self._cursor > start or p.size > room):  # part of the window only
+                if self._cursor > start:  # resuming inside this window
+                    keep = p >= self._cursor
+                    p, o = p[keep], o[keep]
+                if p.size > room:  # pfn order: resume after the last block taken
+                    p, o = p[:room], o[:room]
+                    self._cursor = int(p[-1]) + (1 << int(o[-1]))
+                else:
+                    self._cursor = min(n, start + self.WINDOW)
+                npages = int((_ONE << o).sum())
             else:
                 self._cursor = min(n, start + self.WINDOW)
             if p.size:
                 got_p.append(p)
                 got_o.append(o)
                 found += p.size
+                pages += npages
             budget.step_done()
         if found:
             pfns = (got_p[0] if len(got_p) == 1 else np.concatenate(got_p)).view(np.uint64)
             orders = got_o[0] if len(got_o) == 1 else np.concatenate(got_o)
-            pages = int((_ONE << orders).sum())
         else:
-            pfns, orders, pages = _NO_BLOCKS[0].view(np.uint64), _NO_BLOCKS[1], 0
+            pfns, orders = _NO_BLOCKS[0].view(np.uint64), _NO_BLOCKS[1]
         self.stats.record_batch(found, pages, budget.finish(), budget.cut)
         return pfns, orders
 
