@@ -95,7 +95,7 @@ def test_timeline_samples_the_run_and_agrees_with_its_figures():
         assert np.all(np.diff(s["t_s"]) >= 0) and np.all(np.diff(s["sent_pages"]) >= 0)
         assert s["t_s"][-1] == pytest.approx(m.time_s)
         assert s["free_pages"].max() <= CFG.pages
-        assert all(r["bytes_sent"] is None for r in tl.rounds)  # until the engine reports bytes
+        assert sum(r["bytes_sent"] for r in tl.rounds) == m.bytes_sent  # the engine reports bytes
     hinted = out.run.timeline.series()["hinted_pages"]
     assert hinted.max() > 0 and out.baseline.timeline.series()["hinted_pages"].max() == 0
 

@@ -58,7 +58,7 @@ class Timeline(MigrationObserver):
         self.rounds: list[dict] = []
         """Per round: ``index``, ``live``, ``t_start_s``, ``t_end_s``, ``sent``, ``skipped``,
         ``to_send``, ``hinted``, ``faults`` (first writes during the round) and ``bytes_sent``
-        (None until the engine reports bytes)."""
+        (bytes on the link, as the engine counts them)."""
 
     # ---- MigrationObserver -----------------------------------------------------------------
     def round_started(self, engine, index, live) -> None:
@@ -89,8 +89,7 @@ class Timeline(MigrationObserver):
             "index": report.index, "live": start["live"], "t_start_s": start["t_start_s"], "t_end_s": self._now(),
             "sent": report.sent, "skipped": report.skipped, "to_send": report.to_send, "hinted": report.hinted,
             "faults": engine.state.faults - start["faults"],
-            # the hook for byte accounting: a RoundReport that knows its bytes is charted in bytes
-            "bytes_sent": getattr(report, "bytes_sent", None),
+            "bytes_sent": report.bytes_sent,
         })
         self._sent_before += report.sent
         self._skipped_before += report.skipped
