@@ -1,4 +1,5 @@
-"""The names a user chooses between: race modes, memory kinds, write-tracking backends, workloads.
+"""The names a user chooses between: race modes, memory kinds, write-tracking backends, workloads,
+replay policies.
 
 Plain tuples with no imports, so the command line can offer them (``--help``, argument checks)
 without loading numpy or trio; the modules that act on a choice import them from here.
@@ -13,3 +14,19 @@ WP_CHOICES = ("sim", "uffd", "uffd-async", "auto", "off")
 """Values of ``--wp``."""
 WORKLOADS = ("churn", "idle")
 """Synthetic guest workloads (``replay`` is a recorded kernel, chosen by ``hintpipe replay``)."""
+POLICY_NAMES = ("hintpipe", "page-reporting", "balloon-hint", "none")
+"""Hinting policies ``hintpipe replay --policy`` compares (hintpipe/trace/policies.py), in the
+order ``--policy all`` runs and reports them."""
+
+
+def policy_names(requested: list[str] | tuple[str, ...]) -> list[str]:
+    """Expand ``all`` and drop repeats (``all`` in the order of :data:`POLICY_NAMES`);
+    ValueError with the choices for an unknown name."""
+    out: list[str] = []
+    for name in requested:
+        for n in POLICY_NAMES if name == "all" else (name,):
+            if n not in POLICY_NAMES:
+                raise ValueError(f"unknown policy {n!r}: choose from {', '.join(POLICY_NAMES)} or all")
+            if n not in out:
+                out.append(n)
+    return out

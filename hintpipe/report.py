@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hintpipe.host.timeline import Timeline
 
 __all__ = ["HintFigures", "RunResult", "RunOutcome", "migration_figures", "run_report", "replay_run_report",
-           "format_summary", "format_replay"]
+           "format_summary", "format_replay", "format_policy_table"]
 
 
 @dataclass
@@ -207,8 +207,54 @@ def format_replay(rep: dict) -> str:
         f"final free pages   {f['free_pages']:,} (buddyinfo.end {f['reference_free_pages']}, "
         f"error {f['error_pages']} pages = {f['error_pct']}%)",
     ]
+    if t.get("pages_by_kind"):
+        head.insert(1, "PFNs at the start " + _kinds(t["pages_by_kind"]))
     rep2 = {"config": {"gib": round(t["pages"] * PAGE_SIZE / 2**30, 2), "pages": t["pages"], "workload": "replay",
                        **rep["config"]}, **{k: rep[k] for k in ("migration", "hints", "faults", "lock")}}
     rep2["hints"].setdefault("stale_messages", 0)
     tail = f"replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s; parse {rep['parse_s']} s)"
     return "\n".join(head) + "\n" + format_summary(rep2) + "\n" + tail
+
+
+_POLICY_COLUMNS = (
+    # heading, width, value of a ``policies`` entry
+    ("policy", 14, lambda p: p["name"]),
+    ("sent GiB", 8, lambda p: f"{p['bytes_sent'] / 2**30:.3f}"),
+    ("saved", 7, lambda p: "-" if p["bytes_saved_pct"] is None else f"{p['bytes_saved_pct']:.1f}%"),
+    ("pages sent", 10, lambda p: f"{p['pages_sent']:,}"),
+    ("zero pages", 10, lambda p: f"{p['zero_pages_sent']:,}"),
+    ("lost", 5, lambda p: f"{p['lost_pages'] + p['pages_destroyed']}"),
+    ("time s", 7, lambda p: f"{p['migration_time_s']:.2f}"),
+    ("down ms", 7, lambda p: f"{p['downtime_ms']:.0f}"),
+    ("hint msgs", 9, lambda p: f"{p['hint_messages']:,}"),
+    ("pages hinted", 12, lambda p: f"{p['pages_hinted']:,}"),
+    ("held GiB*s", 10, lambda p: f"{p['page_seconds_held'] * PAGE_SIZE / 2**30:.2f}"),
+    ("alloc fail/stall", 16, lambda p: f"{p['alloc_failures']}/{p['alloc_stalls']}"),
+    ("lock p99/max us", 15, lambda p: f"{p['lock']['p99_hold_us']:.0f}/{p['lock']['max_hold_us']:.0f}"),
+    ("reclaim 4K/2M MiB", 17, lambda p: f"{p['reclaim']['mib_mean_4k']:.0f}/{p['reclaim']['mib_mean_2m']:.0f}"),
+)
+
+
+def _kinds(by_kind: dict) -> str:
+    return ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in by_kind.items())
+
+
+def format_policy_table(rep: dict) -> str:
+    """``hintpipe replay --policy ...``: the trace in three lines, then one row per policy."""
+    t = rep["trace"]
+    kinds = t.get("pages_by_kind") or {}
+    head = [
+        f"trace {t['path']} ({t['kind']}): {t['events']:,} events over {t['span_s']:.3f} s, {t['pages']:,} PFNs: "
+        + _kinds(kinds),
+        f"link {rep['config']['bandwidth_gbit']} Gbit/s; saved = bytes on the link relative to "
+        f"{rep.get('baseline_policy') or 'no baseline'}; lost = pages lost or destroyed; reclaim = mean "
+        "memory the host could reclaim over the replay at 4 KiB / 2 MiB backing",
+    ]
+    cols = _POLICY_COLUMNS
+    rows = [" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w, _) in enumerate(cols))]
+    for p in rep["policies"]:
+        rows.append(" ".join(str(f(p)).rjust(w) if i else str(f(p)).ljust(w) for i, (_, w, f) in enumerate(cols)))
+    verdict = "every policy VERIFIED" if all(p["verified"] for p in rep["policies"]) else "LOSS DETECTED"
+    tail = f"{verdict}; replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s)"
+    return "\n".join(head + rows + [tail])
+

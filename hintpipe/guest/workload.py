@@ -119,6 +119,12 @@ class PauseGate:
         self.paused = False
         self._running.set()
 
+    def leave(self) -> None:
+        """A vCPU stops for good (its work is done): ``pause()`` no longer waits for it."""
+        self.vcpus -= 1
+        if self.paused and self._parked_count >= self.vcpus:
+            self._parked.set()
+
     async def checkpoint(self) -> None:
         """Called by a vCPU between steps: park here while paused."""
         if self.paused:

@@ -113,6 +113,13 @@ class Timeline(MigrationObserver):
         self._n += 1
         self._cost += time.perf_counter() - t
 
+    def __getstate__(self) -> dict:
+        # a finished timeline goes from a replay's worker process to the report: without the
+        # engine's clock (a bound method of the engine), which it no longer needs
+        state = dict(self.__dict__)
+        state["_clock"] = trio.current_time
+        return state
+
     def series(self) -> dict[str, np.ndarray]:
         """The samples as columns (:data:`COLUMNS`), oldest first."""
         rows = self._rows[: self._n]

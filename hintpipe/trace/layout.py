@@ -105,6 +105,8 @@ class Layout:
     PG_reported (KPF_UPTODATE on a buddy head), i.e. free page reporting had given it to the
     host, which discarded it."""
     notes: list[str] = field(default_factory=list)
+    _ram: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _content: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def page_count(self) -> int:
@@ -113,13 +115,25 @@ class Layout:
 
     @property
     def ram(self) -> np.ndarray:
-        """bool per PFN: guest RAM a VMM transfers."""
-        return self.kind != PageKind.NOT_RAM
+        """bool per PFN: guest RAM a VMM transfers (computed once; do not modify)."""
+        if self._ram is None:
+            self._ram = self.kind != PageKind.NOT_RAM
+        return self._ram
 
     def pages_by_kind(self) -> dict[str, int]:
         """PFNs of each kind (``free``, ``used``, ``zero_or_balloon``, ``not_ram``)."""
-        counts = np.bincount(self.kind, minlength=len(PageKind))
-        return {KIND_KEYS[k]: int(counts[k]) for k in PageKind}
+        return {KIND_KEYS[k]: int(np.count_nonzero(self.kind == k)) for k in PageKind}
+
+    def initial_content(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a replay's guest memory starts from (computed once; callers copy): content
+        version per PFN (1: data, in use or stale in a free page; 0: a zero page or not RAM) and
+        the pages whose content the guest does not need (free pages and PFNs that are not RAM;
+        untouched RAM must go on reading as zeros)."""
+        if self._content is None:
+            held = (self.kind == PageKind.FREE) | (self.kind == PageKind.USED)
+            dead = (self.kind == PageKind.FREE) | (self.kind == PageKind.NOT_RAM)
+            self._content = (held.astype(np.uint32), dead)
+        return self._content
 
     def zone_index(self, pfns: np.ndarray) -> np.ndarray:
         """Index into :attr:`zones` of each PFN (-1 outside every zone)."""
@@ -204,11 +218,10 @@ def reported_blocks(buddy: np.ndarray, uptodate: np.ndarray) -> np.ndarray:
     return out
 
 
-def reported_by_order(layout: Layout) -> list[int]:
-    """Reported free blocks at the start, per order 0..MAX_ORDER (empty when unknown)."""
+def reported_by_order(layout: Layout, pfns: np.ndarray, orders: np.ndarray) -> list[int]:
+    """Of the free blocks ``(pfns, orders)`` at the start (:func:`decompose` of the initial free
+    pages), the Reported ones per order 0..MAX_ORDER (empty when unknown)."""
     if layout.reported is None:
         return []
-    free = layout.kind == PageKind.FREE
-    pfns, orders = decompose(free, 0, MAX_ORDER)
     rep = layout.reported[pfns.astype(np.int64)]
     return np.bincount(orders[rep], minlength=MAX_ORDER + 1).tolist()

@@ -75,6 +75,8 @@ def event_effects(etype: np.ndarray, order: np.ndarray, thp_order: int | None = 
 
 
 _ALLOC = int(EventType.ALLOC)
+_FREE = int(EventType.FREE)
+_DRAIN = int(EventType.PCPU_DRAIN)
 
 
 class ReplayModel:
@@ -92,8 +94,10 @@ class ReplayModel:
             memory.write(allocated)
     """
 
-    def __init__(self, initial_free: np.ndarray, batches: Iterable[EventBatch], thp_order: int | None = HPAGE_PMD_ORDER):
-        self.free_mask = np.array(initial_free, dtype=bool, copy=True)
+    def __init__(self, initial_free: np.ndarray, batches: Iterable[EventBatch], thp_order: int | None = HPAGE_PMD_ORDER,
+                 *, copy: bool = True):
+        # copy=False: the model advances ``initial_free`` itself (a caller that is done with it)
+        self.free_mask = np.array(initial_free, dtype=bool, copy=True if copy else None)
         self.page_count = len(self.free_mask)
         self.thp_order = thp_order
         self._it: Iterator[EventBatch] = iter(batches)
@@ -224,6 +228,20 @@ class ReplayModel:
         """Apply every remaining event with ts_ns <= t_ns; returns (allocated, freed) pages."""
         return self.apply(self.next_step(t_ns))
 
+    def holders(self, batch: EventBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Who holds each page the ``mm_page_alloc``, ``mm_page_free`` and ``mm_page_pcpu_drain``
+        events of ``batch`` touch, after the batch: ``(pages, freed)``, in event order, one
+        entry per page of each event (assigned in order, the last event of a page wins).
+        ``freed``: its last event freed it (to a per-CPU list or the buddy) or drained it from a
+        per-CPU list to the buddy (it was freed before, perhaps before the trace began), so what
+        it holds is no longer the guest's data; otherwise a caller got it and wrote it."""
+        sel = np.flatnonzero((batch.etype == _ALLOC) | (batch.etype == _FREE) | (batch.etype == _DRAIN))
+        if not len(sel):
+            e = np.empty(0, np.int64)
+            return e, e.astype(bool)
+        pages, idx = run_pages(batch.pfn[sel], order_pages(batch.order[sel]), return_index=True)
+        return pages, batch.etype[sel][idx] != _ALLOC
+
     def changed_blocks(self, batch: EventBatch) -> tuple[np.ndarray, np.ndarray]:
         """``(pfn, order)`` of the events of ``batch`` that set or clear buddy-free state."""
         act = self._effects[batch.etype, batch.order] != 0
@@ -295,6 +313,8 @@ class FreeCounts:
         self.zone_free = np.zeros(max(nr_zones, 1), np.int64)
         self.became_full = np.empty(0, np.int64)
         """Blocks the last :meth:`update` found entirely free that were not before it."""
+        self.generation = 0
+        """Incremented by every :meth:`update` that changed a count (for caches of derived state)."""
         ok = zone_of_block >= 0
         np.add.at(self.zone_free, zone_of_block[ok], self.counts[ok])
 
@@ -334,6 +354,8 @@ class FreeCounts:
         delta = new - old
         self.counts[blocks] = new
         self.became_full = blocks[(new == self.size) & (old != self.size)]
+        if (delta != 0).any():
+            self.generation += 1
         z = self.zone_of_block[blocks]
         ok = (z >= 0) & (delta != 0)
         if ok.any():

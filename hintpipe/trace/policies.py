@@ -37,6 +37,7 @@ import numpy as np
 import trio
 
 from hintpipe.channel.inproc import inproc_pair
+from hintpipe.choices import POLICY_NAMES, policy_names
 from hintpipe.protocol.codec import decode_ranges, encode_ranges, validate_ranges
 from hintpipe.protocol.errors import ProtocolError
 from hintpipe.units import MAX_ORDER, block_pages, order_pages, run_pages
@@ -66,8 +67,6 @@ a median 20 ms to ``fallocate(PUNCH_HOLE)`` on a memfd on this kind of machine (
 VIRTIO_BALLOON_HINT_BLOCK_ORDER = MAX_ORDER
 """Blocks the guest allocates and hints: ``MAX_ORDER`` = 10, 4 MiB (virtio_balloon.c:36-40)."""
 
-POLICY_NAMES = ("hintpipe", "page-reporting", "balloon-hint", "none")
-"""Every policy, in the order ``--policy all`` runs and reports them."""
 
 _ALLOC = int(EventType.ALLOC)
 _ZONE_LOCKED = int(EventType.ALLOC_ZONE_LOCKED)
@@ -143,12 +142,10 @@ class HintpipePolicy(Policy):
 
     name = "hintpipe"
 
-    def __init__(self, world: ReplayWorld, cfg) -> None:
+    def __init__(self, world: ReplayWorld, cfg, *, walker) -> None:
         super().__init__(world, cfg)
-        from .replay import TraceWalker  # the walker lives with the replay loop it serves
-
-        self.walker = TraceWalker(world.model, min_order=cfg.min_order, batch=cfg.batch,
-                                  time_budget_us=cfg.time_budget_us)
+        self.walker = walker
+        """The replay's :class:`~hintpipe.trace.replay.TraceWalker` over the world's model."""
 
     def on_hints_applied(self, starts: np.ndarray, orders: np.ndarray, skip: np.ndarray) -> None:
         _discard_skipped(self.world.reclaim, starts, orders, skip)
@@ -165,6 +162,15 @@ def _discard_skipped(reclaim: ReclaimTracker, starts: np.ndarray, orders: np.nda
     unwritten since): whole blocks where every page is, single pages elsewhere."""
     starts = np.asarray(starts, np.int64)
     orders = np.asarray(orders, np.int64)
+    if len(starts) == 1:  # one block per message (balloon-hint): a slice, no gather
+        a, k = int(starts[0]), int(orders[0])
+        seg = skip[a:a + (1 << k)]
+        if seg.all():
+            reclaim.discard(starts, orders)
+        else:
+            pages = np.flatnonzero(seg) + a
+            reclaim.discard(pages, np.zeros(len(pages), np.int64))
+        return
     whole = np.zeros(len(starts), bool)
     for k in np.unique(orders).tolist():
         sel = np.flatnonzero(orders == k)
@@ -196,6 +202,14 @@ class SideState:
         nunits = -(-model.page_count // (1 << order))
         last = np.minimum(np.arange(nunits, dtype=np.int64) * (1 << order) + (1 << order) - 1, model.page_count - 1)
         self.zone_of_unit = layout.zone_index(last) if self.zones else np.zeros(nunits, np.int64)
+        self.zone_units: list[tuple[int, int]] = []
+        """Per zone, the range of units counted in it (zones are contiguous PFN ranges), its
+        start rounded down to a max-order block so block arithmetic stays aligned there."""
+        align = 1 << max(0, MAX_ORDER - order)
+        for z in range(max(len(self.zones), 1)):
+            idx = np.flatnonzero(self.zone_of_unit == z)
+            a, b = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+            self.zone_units.append((a - a % align, b))
         self.counts = FreeCounts(model, order, self.zone_of_unit, max(len(self.zones), 1))
         self.taken = np.zeros(nunits, bool)
         self.taken_zone = np.zeros(max(len(self.zones), 1), np.int64)
@@ -209,6 +223,9 @@ class SideState:
         self.alloc_conflicts = 0
         self.pages_released_on_conflict = 0
         self.pages_destroyed = 0
+        self.history: list[tuple[float, int]] = []
+        """``(time_s, +pages taken or -pages given back)`` in order, while the clock runs; the
+        last entry, ``(time_s, 0)``, is when it stopped."""
         self._mins = np.array([z.min for z in self.zones] or [0], np.int64)
         self._lows = np.array([z.low for z in self.zones] or [0], np.int64)
         # the reserve a zone keeps from an allocation that may use every zone above it
@@ -216,16 +233,19 @@ class SideState:
 
     # -- accounting of taken units --------------------------------------------------------------
     def _integrate(self) -> None:
+        if not self._clock_on:
+            return
         t = self.world.now()
-        if self._clock_on:
-            self.page_seconds += (self.n_taken << self.order) * max(0.0, t - self._t_last)
+        self.page_seconds += (self.n_taken << self.order) * max(0.0, t - self._t_last)
         self._t_last = t
 
     def take(self, units: np.ndarray) -> None:
         """Mark ``units`` taken (they must be free and not taken)."""
         self._integrate()
+        if self._clock_on:
+            self.history.append((self._t_last, len(units) << self.order))
         self.taken[units] = True
-        np.add.at(self.taken_zone, np.maximum(self.zone_of_unit[units], 0), 1 << self.order)
+        self._count_zones(units, 1 << self.order)
         self.n_taken += len(units)
         self.max_taken = max(self.max_taken, self.n_taken)
 
@@ -235,13 +255,24 @@ class SideState:
         if not len(units):
             return
         self._integrate()
+        if self._clock_on:
+            self.history.append((self._t_last, -(len(units) << self.order)))
         self.taken[units] = False
-        np.add.at(self.taken_zone, np.maximum(self.zone_of_unit[units], 0), -(1 << self.order))
+        self._count_zones(units, -(1 << self.order))
         self.n_taken -= len(units)
+
+    def _count_zones(self, units: np.ndarray, pages_each: int) -> None:
+        zs = np.maximum(self.zone_of_unit[units], 0)
+        if zs[0] == zs[-1] and (len(zs) < 3 or (zs == zs[0]).all()):  # one zone: the usual case
+            self.taken_zone[zs[0]] += pages_each * len(units)
+        else:
+            np.add.at(self.taken_zone, zs, pages_each)
 
     def stop_clock(self, t: float) -> None:
         """Stop integrating page-seconds (the guest is paused)."""
         self._integrate()
+        if self._clock_on:
+            self.history.append((self._t_last, 0))
         self._clock_on = False
 
     def effective_free(self) -> np.ndarray:
@@ -283,8 +314,8 @@ class SideState:
         self.alloc_stalls += int(np.count_nonzero(passed & (effective <= self._lows[z] + self._reserve[z])))
 
     def figures(self) -> dict:
-        """Cost figures: page-seconds held, the peak, failures, stalls and conflicts."""
-        self._integrate()
+        """Cost figures: page-seconds held (until :meth:`stop_clock`), the peak, failures,
+        stalls and conflicts."""
         return {"page_seconds_held": round(self.page_seconds, 3), "max_pages_held": self.max_taken << self.order,
                 "alloc_failures": self.alloc_failures, "alloc_stalls": self.alloc_stalls,
                 "alloc_conflicts": self.alloc_conflicts,
@@ -292,27 +323,24 @@ class SideState:
                 "pages_destroyed": self.pages_destroyed}
 
 
-def _levels(full: np.ndarray, top: int) -> list[np.ndarray]:
-    """levels[j][i]: the aligned block i of ``2**j`` units is entirely free (j = 0..top)."""
-    out = [full]
-    for _ in range(top):
-        f = out[-1]
-        out.append(f[: len(f) & ~1].reshape(-1, 2).all(axis=1))
-    return out
-
-
 def maximal_blocks(full: np.ndarray, min_order: int) -> dict[int, np.ndarray]:
     """Per order ``min_order..MAX_ORDER``: head units of the maximal free blocks of that order,
-    given ``full`` (one bool per ``2**min_order``-page unit)."""
+    given ``full`` (one bool per ``2**min_order``-page unit; entry 0 aligned to a max-order
+    block). A block is maximal when it is free and its buddy is not (or it is max-order)."""
     top = MAX_ORDER - min_order
-    lv = _levels(full, top)
+    levels = [full]
+    for _ in range(top):
+        f = levels[-1]
+        m = len(f) & ~1
+        levels.append(f[0:m:2] & f[1:m:2])
     out = {}
     for j in range(top + 1):
-        own = lv[j]
+        own = levels[j]
         if j < top:
+            up = levels[j + 1]
             own = own.copy()
-            up = lv[j + 1]
-            own[: 2 * len(up)].reshape(-1, 2)[up] = False
+            own[0:2 * len(up):2] &= ~up
+            own[1:2 * len(up):2] &= ~up
         out[min_order + j] = np.flatnonzero(own) << j
     return out
 
@@ -346,6 +374,12 @@ class PageReportingPolicy(Policy):
         self.state = self.IDLE
         self._armed = trio.Event()
         self._pass_at = 0.0
+        self._due_since = 0.0
+        self.history: list[tuple] = []
+        """What the policy did, in order: ``("pass", start_s, end_s, due_since_s)`` (a pass and
+        the time from which it was due: its arming free, or the end of the pass before it),
+        ``("list", zone, order, nr_free, budget, full_reports)`` (one free list of a pass) and
+        ``("report", sent_s, orders)``; times in seconds of replay."""
         self.inflight: dict[int, int] = {}
         """Head unit -> order of the blocks of the report in flight (withdrawn ones removed)."""
         self.guest_end, self.host_end = inproc_pair(PAGE_REPORTING_CAPACITY)
@@ -390,6 +424,7 @@ class PageReportingPolicy(Policy):
     def _arm(self, t: float) -> None:
         if self.state == self.IDLE:
             self.state = self.REQUESTED
+            self._due_since = t
             self._pass_at = self.world.t0 + t + PAGE_REPORTING_DELAY_S
             self._armed.set()
         elif self.state == self.ACTIVE:
@@ -461,13 +496,21 @@ class PageReportingPolicy(Policy):
         while True:
             await self._armed.wait()
             await trio.sleep_until(self._pass_at)
-            await self.gate.checkpoint()
+            await self._unless_paused()
+            start = self.world.now()
             await self._pass()
+            self.history.append(("pass", start, self.world.now(), self._due_since))
             if self.state == self.REQUESTED:
+                self._due_since = self.world.now()
                 self._pass_at = trio.current_time() + PAGE_REPORTING_DELAY_S
             else:
                 self.state = self.IDLE
                 self._armed = trio.Event()
+
+    async def _unless_paused(self) -> None:
+        # the guest is stopped for stop-and-copy: its reporting work does not go on
+        if self.gate is not None and self.gate.paused:
+            await trio.sleep_forever()
 
     gate = None  # set by the replay: the guest's PauseGate
     zone_lock = None  # set by the replay: the guest's ZoneLock
@@ -475,14 +518,38 @@ class PageReportingPolicy(Policy):
     def _candidates(self, z: int, k: int) -> tuple[np.ndarray, int, int]:
         """Unreported, not isolated maximal free blocks of order ``k`` in zone ``z``, newest
         freed first; also the order's free block count and its Reported count in the zone."""
-        heads = maximal_blocks(self.side.counts.full, self.order)[k]
-        zu = self.side.zone_of_unit
-        heads = heads[zu[heads] == z] if self.side.zones else heads
+        a, b = self.side.zone_units[z]
+        heads = maximal_blocks(self.side.counts.full[a:b], self.order)[k] + a
+        if self.side.zones:
+            heads = heads[self.side.zone_of_unit[heads] == z]
         nr_free = len(heads)
         rep = self.reported[heads] == k
         cand = heads[~rep & ~self.side.taken[heads]]
         cand = cand[np.argsort(-self.free_since[cand], kind="stable")]
         return cand, nr_free, int(np.count_nonzero(rep))
+
+    def _still_candidates(self, cand: np.ndarray, k: int, need: int) -> np.ndarray:
+        """The blocks of ``cand`` that are still unreported, not taken, maximal free blocks of
+        order ``k`` (the allocator may have run since they were found); checks the first
+        ``need`` and goes on only if some of those no longer qualify."""
+        def ok(heads: np.ndarray) -> np.ndarray:
+            full = self.side.counts.full
+            size = 1 << (k - self.order)
+            good = (self.reported[heads] != k) & ~self.side.taken[heads]
+            for j in range(size):
+                good &= full[heads + j]
+            if k < MAX_ORDER:
+                buddy = heads ^ size
+                merged = np.ones(len(heads), bool)
+                for j in range(size):
+                    merged &= full[np.minimum(buddy + j, len(full) - 1)]
+                good &= ~merged
+            return good
+
+        first = ok(cand[:need])
+        if first.all():
+            return cand
+        return cand[ok(cand)]
 
     async def _pass(self) -> None:
         self.state = self.ACTIVE
@@ -497,9 +564,14 @@ class PageReportingPolicy(Policy):
             sgl: list[tuple[int, int]] = []
             for k in range(self.order, MAX_ORDER + 1):
                 budget = None
+                full_reports = 0
                 while True:
+                    await self._unless_paused()
+                    # the list as it stands, found outside the lock (the model has no list to
+                    # walk: this search is not the kernel's work); the hold re-checks and isolates
+                    cand, nr_free, nr_rep = self._candidates(z, k)
                     async with self.zone_lock.walker() as hold:
-                        cand, nr_free, nr_rep = self._candidates(z, k)
+                        cand = self._still_candidates(cand, k, PAGE_REPORTING_CAPACITY - len(sgl) + 1)
                         if budget is None:
                             budget = -(-nr_free // (PAGE_REPORTING_CAPACITY * PAGE_REPORTING_BUDGET_LISTS))
                         stop = True
@@ -529,9 +601,11 @@ class PageReportingPolicy(Policy):
                     if len(sgl) == PAGE_REPORTING_CAPACITY:
                         await self._report(sgl)
                         budget -= 1
+                        full_reports += 1
                         sgl = []
                     if stop:
                         break
+                self.history.append(("list", z, k, nr_free, budget + full_reports, full_reports))
             if sgl:
                 await self._report(sgl)
 
@@ -545,6 +619,7 @@ class PageReportingPolicy(Policy):
         orders = np.array([k for _, k in sgl], np.int64)
         pfns = heads << self.order
         frame = encode_ranges(np.column_stack((pfns, 1 << orders)).astype(np.uint64))
+        self.history.append(("report", self.world.now(), orders.tolist()))
         await self.guest_end.send_frame(frame)
         ack = await self.guest_end.receive()
         if not ack:
@@ -598,7 +673,7 @@ class PageReportingPolicy(Policy):
             return
         w = self.world
         pages = block_pages(pfns, orders)
-        live = ~w.model.free_mask[pages]
+        live = ~w.memory.dead[pages]
         if live.any():  # the host destroyed data the guest holds: a loss, whatever happens next
             self.side.pages_destroyed += int(np.count_nonzero(live))
         w.memory.discard(pages)
@@ -678,17 +753,31 @@ class BalloonHintPolicy(Policy):
         self.shrinker_returns = 0
         self.done_returns = 0
         self._zone_order = list(range(len(self.side.zones) - 1, -1, -1)) or [0]
+        self._free_blocks: np.ndarray | None = None  # per order-10 block: free and not held
+        self._free_gen = -1
 
     def _block_units(self, head: int) -> np.ndarray:
         return np.arange(head, head + self._per_block)
+
+    def _free_block_cache(self) -> np.ndarray:
+        """Per order-10 block: entirely free and not held (recomputed once per replay step)."""
+        side = self.side
+        if self._free_blocks is None or self._free_gen != side.counts.generation:
+            per = self._per_block
+            nblk = len(side.taken) // per
+            avail = side.counts.full[: nblk * per] & ~side.taken[: nblk * per]
+            free = avail[0::per].copy()
+            for j in range(1, per):
+                free &= avail[j::per]
+            self._free_blocks = free
+            self._free_gen = side.counts.generation
+        return self._free_blocks
 
     def allocate_block(self) -> int | None:
         """Take the first free order-10 block the zonelist allows, or None."""
         side = self.side
         per = self._per_block
-        full = side.counts.full & ~side.taken
-        nblk = len(full) // per
-        free10 = full[: nblk * per].reshape(nblk, per).all(axis=1)
+        free_blocks = self._free_block_cache()
         eff = side.effective_free()
         need = (1 << VIRTIO_BALLOON_HINT_BLOCK_ORDER) - 1
         for z in self._zone_order:
@@ -696,19 +785,26 @@ class BalloonHintPolicy(Policy):
                 zone = side.zones[z]
                 if eff[z] - need <= zone.min + max(zone.protection, default=0):
                     continue
-                cand = np.flatnonzero(free10 & (side.zone_of_unit[: nblk * per: per] == z))
-            else:
-                cand = np.flatnonzero(free10)
-            if len(cand):
-                head = int(cand[0]) * per
+            a, b = side.zone_units[z]
+            lo = -(-a // per)
+            free = free_blocks[lo: b // per]
+            i = int(np.argmax(free)) if len(free) else 0
+            if len(free) and free[i]:
+                head = (lo + i) * per
                 side.take(self._block_units(head))
+                free_blocks[lo + i] = False
                 self.lifo.append(head)
                 return head
         return None
 
     def _release(self, heads: list[int]) -> None:
         if heads:
-            self.side.give(np.concatenate([self._block_units(h) for h in heads]))
+            side = self.side
+            side.give(np.concatenate([self._block_units(h) for h in heads]))
+            if self._free_blocks is not None:  # free again, unless the trace has taken them
+                per = self._per_block
+                for h in heads:
+                    self._free_blocks[h // per] = bool(side.counts.full[h:h + per].all())
 
     def before_step(self, step: EventBatch) -> None:
         side = self.side
@@ -726,6 +822,8 @@ class BalloonHintPolicy(Policy):
     def after_step(self, step: EventBatch, allocated: np.ndarray, freed: np.ndarray) -> None:
         side = self.side
         side.counts.update(step)
+        if not self.walker.done:
+            self._free_block_cache()  # here, in the allocator's section, not in the next hold
         if not self.lifo or not side.zones:
             return
         # kswapd wakes in a zone at its low watermark and reclaims until the zone is at high; the
@@ -757,6 +855,9 @@ class BalloonHintPolicy(Policy):
         return out
 
 
+__all__ = ["POLICIES", "POLICY_NAMES", "policy_names", "Policy", "HintpipePolicy", "PageReportingPolicy",
+           "BalloonHintPolicy", "BalloonWalker", "NonePolicy", "ReplayWorld", "SideState", "maximal_blocks"]
+
 POLICIES = {
     "hintpipe": HintpipePolicy,
     "page-reporting": PageReportingPolicy,
@@ -764,17 +865,3 @@ POLICIES = {
     "none": NonePolicy,
 }
 """Policy name -> class."""
-
-
-def policy_names(requested: list[str] | tuple[str, ...]) -> list[str]:
-    """Expand ``all`` and drop repeats, keeping the order of :data:`POLICY_NAMES` for ``all``;
-    ValueError with the choices for an unknown name."""
-    out: list[str] = []
-    for name in requested:
-        names = POLICY_NAMES if name == "all" else (name,)
-        for n in names:
-            if n not in POLICIES:
-                raise ValueError(f"unknown policy {n!r}: choose from {', '.join(POLICY_NAMES)} or all")
-            if n not in out:
-                out.append(n)
-    return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hintpipe.units import PAGE_SIZE, block_pages
+from hintpipe.units import PAGE_SIZE
 
 HUGE_ORDER = 9
 """2 MiB huge pages are 2**9 base pages of 4 KiB on x86-64."""
@@ -55,25 +55,38 @@ class ReclaimTracker:
         self._peak_2m = 0
 
     def discard(self, pfns: np.ndarray, orders: np.ndarray) -> None:
-        """The host dropped the backing of the blocks ``(pfns[i], orders[i])``."""
+        """The host dropped the backing of the blocks ``(pfns[i], orders[i])`` (aligned)."""
         if not len(pfns):
             return
         pfns = np.asarray(pfns, np.int64)
         orders = np.asarray(orders, np.int64)
         self.discards += len(pfns)
-        pages = block_pages(pfns, orders)
-        new = np.count_nonzero(~self.pages[pages])
-        self.pages[pages] = True
-        self.n_pages += int(new)
-        self.pages_discarded += int(new)
-        big = orders >= HUGE_ORDER
-        if big.any():
-            units = block_pages(pfns[big] >> HUGE_ORDER, orders[big] - HUGE_ORDER)
-            self.n_units += int(np.count_nonzero(~self.units[units]))
-            self.units[units] = True
-        if not big.all():
-            self.hints_too_small += int((1 << orders[~big]).sum())
+        for k in (np.unique(orders).tolist() if len(orders) > 1 else [int(orders[0])]):
+            sel = pfns if len(orders) == 1 else pfns[orders == k]
+            new = self._mark(self.pages, sel, k)
+            self.n_pages += new
+            self.pages_discarded += new
+            if k >= HUGE_ORDER:
+                self.n_units += self._mark(self.units, sel >> HUGE_ORDER, k - HUGE_ORDER)
+            else:
+                self.hints_too_small += len(sel) << k
         self._peaks()
+
+    @staticmethod
+    def _mark(bits: np.ndarray, starts: np.ndarray, k: int) -> int:
+        """Set the aligned blocks of ``2**k`` entries at ``starts``; return how many were unset."""
+        if len(starts) == 1:  # the common case (a balloon's block, one report entry): a slice
+            a = int(starts[0])
+            seg = bits[a:a + (1 << k)]
+            new = len(seg) - int(np.count_nonzero(seg))
+            seg[:] = True
+            return new
+        m = len(bits) >> k
+        rows = bits[: m << k].reshape(m, 1 << k)
+        idx = starts >> k
+        new = rows[idx].size - int(np.count_nonzero(rows[idx]))
+        rows[idx] = True
+        return new
 
     def touch(self, pages: np.ndarray) -> None:
         """The guest wrote ``pages``: they (and at 2 MiB their whole units) are backed again."""
