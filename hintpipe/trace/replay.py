@@ -30,7 +30,7 @@ from hintpipe.host.session import HostSession
 from hintpipe.host.timeline import Timeline
 from hintpipe.inprocess import InProcessLink, migrate_in_process
 from hintpipe.progress import NO_PROGRESS, MigrationObserver, Progress, RoundProgress, Task
-from hintpipe.report import HintFigures, RunOutcome, RunResult, replay_run_report
+from hintpipe.report import GuardFigures, HintFigures, RunOutcome, RunResult, replay_run_report
 from hintpipe.units import NR_ORDERS, order_pages
 from hintpipe.wp.sim import SimBackend
 
@@ -200,11 +200,13 @@ class ReplayRun:
     wall_s: float
     wp: dict
     timeline: Timeline | None = None
+    broken: frozenset[str] = frozenset()
 
     def figures(self) -> RunResult:
         """The run's figures for its report."""
         return RunResult(migration=self.result,
                          hints=HintFigures.of(self.session.conn if self.session else None, self.state),
+                         guards=GuardFigures.of(self.broken, self.session.conn if self.session else None, self.state, self.wp),
                          faults=self.state.faults, wp=self.wp, lock=self.zone.summary(),
                          wall_s=self.wall_s, timeline=self.timeline, lock_samples_us=self.zone.samples_us())
 
@@ -221,7 +223,7 @@ async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, 
     n = model.page_count
     memory = GuestMemory(n)
     memory.versions[~model.free_mask] = 1  # pages in use at the start hold boot content
-    state = HostPageState(n, invalidate=cfg.invalidate)
+    state = HostPageState(n, refuse_written=cfg.guard_on("refuse-written"), invalidate=cfg.guard_on("invalidate"))
     backend = SimBackend(state)  # the recorded kernel's writes fault like an in-process guest's
     memory.tracker = backend.guest_tracker
     zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
@@ -239,12 +241,13 @@ async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, 
         before_chunk=backend.before_chunk,
         start_round=backend.start_round,
         observers=observers,
+        broken_guards=cfg.broken,
     )
     result = await migrate_in_process(engine, workload.run, link)
     workload.task.close()
     return ReplayRun(result, model, state, zone, link.session if link else None, walker, workload,
                      time.perf_counter() - t_wall, backend.stats(),
-                     next((o for o in observers if isinstance(o, Timeline)), None))
+                     next((o for o in observers if isinstance(o, Timeline)), None), cfg.broken)
 
 
 def _buddyinfo_pages(info: dict | None) -> int | None:
