@@ -212,8 +212,10 @@ def run_demo(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> dict:
     return the report (:func:`~hintpipe.report.run_report`).
 
     One :class:`RealMachine` serves both runs in real-memory mode (allocated and touched once).
-    ``cfg.wp == "auto"`` is resolved first; the report's ``wp.backend`` is the one used.
-    Raises ``UffdUnavailable`` when a real backend asked for by name cannot work here.
+    ``cfg.wp == "auto"`` is resolved first; the report's ``wp.backend`` is the one used. Guards
+    in ``cfg.broken`` are off in the hinted run only: the baseline is what a real system does.
+    Raises ``UffdUnavailable`` when a real backend asked for by name cannot work here, and
+    ValueError for ``scan-before-send`` broken without uffd-async.
     """
     return demo_outcome(cfg, progress=progress).report
 

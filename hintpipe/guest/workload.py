@@ -303,42 +303,44 @@ class RaceWorkload(Workload):
     """``race``: churn, plus an adversary aimed at the windows where hinting can go wrong.
 
     The guest is untrusted, so its timing is fair game. Through the producer's hooks
-    (:class:`~hintpipe.guest.producer.ProducerHooks`) it acts on the windows on purpose:
+    (:class:`~hintpipe.guest.producer.ProducerHooks`) it acts on the windows on purpose. To
+    *reuse* a reported block is to allocate its first 2**:attr:`REUSE_ORDER` pages (the hint
+    covers them like the rest) and write them.
 
-    * *in flight*: when the walker has taken a batch, it reallocates some of the reported blocks
-      and writes them before their frame goes out (``detect`` mode; in ``isolate`` mode reported
-      blocks are off the free lists until acked, so this cannot happen), and sometimes sends the
-      frame only a few ms later, so that an asynchronous backend's scans can see the write
-      before the hint arrives. The host learns of the write before it applies the hint (a
-      synchronous fault, a Fault frame answered before the write and before the later Hints
-      frame, or a scan) and must refuse the hint (*refuse-written*), or clear the skip the hint
-      set when a later scan finds the write (*invalidate*).
-    * *stale*: in the first round and then now and then it holds one frame and RoundEnd back
-      until the next StartRound (or until the guest is paused); it reallocates a few of that
-      frame's blocks at once and writes them between StopRound and RoundEnd. The frame arrives under a stopped
-      command id after the host swapped rounds, when ``written`` no longer shows the write, so
-      only dropping it is safe (*stale-drop*). The host's StopRound waits 0.5 s for RoundEnd and
-      proceeds without it; a frame is held for one round at most, so the guest stays inside the
-      protocol. (In ``isolate`` mode the held blocks stay isolated, so this hint is harmless.)
-    * *written, then freed*: when a walk starts it writes a few of its own blocks and frees them,
-      so the walk reports pages written this round; it reallocates and writes them later in the
-      round, which faults no more (the pages are unprotected already), so only refusing their
-      hint keeps them sent (*refuse-written*, in both race modes).
-    * *during the send*: each tick it may reallocate and write a block reported this round,
-      wherever the host's sender is (*invalidate*; with uffd-async, a scan must find it).
+    * *in flight*: when the walker has taken a batch it reuses some of its blocks before their
+      frame goes out (``detect`` mode; in ``isolate`` mode reported blocks are off the free
+      lists until acked, so this cannot happen). The host learns of the write before the hint
+      (a synchronous fault, or a Fault frame answered before the write and before the later
+      Hints frame) and must refuse it (*refuse-written*). The walk's first frame, and now and
+      then another, is sent :attr:`DELAY_S` or half the previous round later, so that a host
+      that scans (uffd-async) may see the write before the hint arrives.
+    * *stale*: in the first round, and then now and then, it holds frames and RoundEnd back
+      until the next StartRound (or until it is paused), having taken a few of their blocks,
+      which it writes between StopRound and RoundEnd. The frames arrive under a stopped command
+      id after the host swapped rounds, when ``written`` no longer shows the write, so only
+      dropping them is safe (*stale-drop*; in ``isolate`` mode their blocks stay isolated, so
+      applying them is harmless). The host's StopRound waits 0.5 s for RoundEnd and proceeds
+      without it; no frame is held more than a round, so the guest stays within the protocol's
+      open rounds.
+    * *written, then freed*: when a walk starts it writes the first pages of a few blocks (its
+      own older ones, else resident ones) and frees them, so the walk reports pages written this
+      round; once reported (and acked, in isolate mode) it reuses them, a write that faults no
+      more (the pages are unprotected already), so only refusing their hint keeps them sent
+      (*refuse-written*, in both race modes).
+    * *during the send*: now and then a tick reuses a block reported this round, wherever the
+      host's sender is (*invalidate*; with uffd-async a scan must find the write).
     * *at the round boundary*: between StopRound and RoundEnd (after the host's round-end
-      collection of writes, before the next round's swap) it reallocates and writes a few
-      reported blocks and frees old ones; the last round's boundary is right before the pause
-      (with uffd-async only the scan before the next send set sees these writes:
-      *scan-before-send*).
+      collection of writes, before the next round's swap) it reuses a few reported blocks and
+      frees old ones; the last round's boundary is right before the pause (with uffd-async only
+      the scan before the next swap sees these writes: *scan-before-send*).
 
-    In the first round it also rewrites its resident memory, so that the migration needs another
-    live round and the frames held in the first one reach the host after its swap.
+    In the first round it also rewrites its resident memory (a slice a tick), so that the
+    migration needs a second live round and the frames held in the first reach the host after
+    its swap.
 
-    The blocks it reallocates stay allocated (and are not rewritten) for at least two rounds,
-    unless it needs room (it keeps them under :attr:`MAX_FRACTION` of memory, freeing the oldest
-    first), so a write a broken guard let through in the last rounds shows up as a lost page in
-    the final check. Its counters are the ``race_*`` fields of :class:`WorkloadStats`.
+    What it reuses stays allocated and unwritten for :attr:`KEEP_ROUNDS` rounds at least, within
+    a fixed share of memory, so a write a broken guard let through in the last rounds shows as a
+    lost page in the final check. Its counters are the ``race_*`` fields of :class:`WorkloadStats`.
     """
 
     REUSE_ORDER = 4
@@ -346,8 +348,8 @@ class RaceWorkload(Workload):
     REUSE_FRACTION = 0.0625
     """Of each batch's blocks, reallocated and written before the frame goes out (detect mode)."""
     DELAY_P = 0.5
-    """Chance that a frame's lowest-addressed blocks are reused and the frame sent :attr:`DELAY_S`
-    later (the first frame of each walk always)."""
+    """Chance that some of a frame's blocks are reused and the frame sent :attr:`DELAY_S` (or
+    :attr:`DELAY_SHARE` of the previous round) later (the first frame of each walk always)."""
     DELAY_S = 0.03
     DELAY_SHARE = 0.5
     """A delayed frame waits at least this share of the previous round (StartRound to StopRound):
@@ -364,9 +366,9 @@ class RaceWorkload(Workload):
     FREE_WRITTEN = 2
     """Blocks written and then freed when a walk starts (own older ones, else resident ones)."""
     BOUNDARY = 2
-    """Reported blocks reallocated and written at each round boundary."""
+    """Reported blocks reused at each round boundary."""
     HINTED_P = 0.05
-    """Chance per tick of reallocating and writing one block reported this round."""
+    """Chance per tick of reusing one block reported this round."""
     BURST_TICKS = 32
     """Ticks over which the first round rewrites the resident memory."""
     KEEP_ROUNDS = 2
