@@ -138,15 +138,11 @@ def test_in_isolate_mode_a_stale_hint_is_harmless():
 @pytest.mark.parametrize("wp", ["uffd", "uffd-async"])
 def test_real_memory_race_loses_nothing_and_guards_act(wp):
     _need(wp)
-    totals: Counter = Counter()
-    for seed in (1, 2):
-        run = _migrate(_cfg(seed, wp=wp))
-        assert run.result.lost_pages == 0 and run.result.verified and run.result.allocated_pages > 0
-        g = run.figures().guards
-        totals.update(refused=g.refused_written_pages, stale=g.stale_hint_messages,
-                      invalidated=g.skips_invalidated, caught=g.scan_caught_pages or 0)
-    assert totals["refused"] > 0 and totals["stale"] > 0 and totals["invalidated"] > 0, totals
-    assert (totals["caught"] > 0) == (wp == "uffd-async")
+    run = _migrate(_cfg(1, wp=wp))
+    assert run.result.lost_pages == 0 and run.result.verified and run.result.allocated_pages > 0
+    g = run.figures().guards
+    assert g.refused_written_pages > 0 and g.stale_hint_messages > 0 and g.skips_invalidated > 0, g
+    assert (g.scan_caught_pages or 0) > 0 if wp == "uffd-async" else g.scan_caught_pages is None
 
 
 @pytest.mark.parametrize("wp,guard", [("uffd", g) for g in SIM_GUARDS]
