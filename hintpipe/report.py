@@ -5,7 +5,8 @@
 it into the JSON objects the README documents, :func:`format_summary` and :func:`format_replay`
 into text. The hint counters are read where they are kept: frames, ranges and pages by the
 host's :class:`~hintpipe.protocol.HostConnection`, what they did to the bitmap by the
-:class:`~hintpipe.host.pagestate.HostPageState`.
+:class:`~hintpipe.host.pagestate.HostPageState`; so are the guards' (:class:`GuardFigures`), and
+what scans caught by the write-protect backend.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hintpipe.host.timeline import Timeline
 
-__all__ = ["HintFigures", "RunResult", "RunOutcome", "migration_figures", "run_report", "replay_run_report",
-           "format_summary", "format_replay", "format_policy_table"]
+__all__ = ["HintFigures", "GuardFigures", "RunResult", "RunOutcome", "migration_figures", "run_report",
+           "replay_run_report", "format_summary", "format_replay", "format_policy_table", "guards_line"]
 
 
 @dataclass
@@ -57,6 +58,32 @@ class HintFigures:
 
 
 @dataclass
+class GuardFigures:
+    """How often each of the host's guards acted in one run (the ``guards`` object of a report)."""
+
+    broken: list[str] = field(default_factory=list)
+    """Guards turned off for this run (``--break``, a demonstration): never verified."""
+    refused_written_pages: int = 0
+    """Hinted pages refused because they were written after their round began (page state)."""
+    stale_hint_messages: int = 0
+    """Hints frames dropped because they arrived under a stopped command id (connection)."""
+    stale_hints_applied: int = 0
+    """Hints frames under a stopped command id applied anyway (only with stale-drop broken)."""
+    skips_invalidated: int = 0
+    """Skip bits cleared by a write: a fault, or a scan that found the page written (page state)."""
+    scan_caught_pages: int | None = None
+    """uffd-async: pages a scan found written while their skip bit was set, so the scan cleared
+    it (backend); None with a backend that does not scan."""
+
+    @classmethod
+    def of(cls, broken, conn: HostConnection | None, state: HostPageState, wp: dict) -> "GuardFigures":
+        """Read the counters where they are kept (``wp``: the backend's ``stats()``)."""
+        return cls(sorted(broken), state.pages_refused_written, conn.stale_frames if conn else 0,
+                   conn.stale_frames_applied if conn else 0, state.skips_invalidated,
+                   wp.get("scan_caught_pages"))
+
+
+@dataclass
 class RunResult:
     """One finished migration run as its reports show it."""
 
@@ -68,6 +95,8 @@ class RunResult:
     """The write-tracking backend's figures (``backend``, ``faults``, ``protect_calls``, ...)."""
     lock: dict
     """The guest's zone lock figures (:meth:`~hintpipe.guest.zonelock.ZoneLock.summary`)."""
+    guards: GuardFigures = field(default_factory=GuardFigures)
+    """How often the host's guards acted."""
     notifications: dict = field(default_factory=dict)
     """Kicks and interrupts of the link."""
     workload: dict = field(default_factory=dict)
@@ -129,6 +158,7 @@ def run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None) -> di
         },
         "migration": migration_figures(run.migration, baseline.migration if baseline else None),
         "hints": asdict(run.hints),
+        "guards": asdict(run.guards),
         "faults": run.faults,
         "wp": {**run.wp, "faults_baseline": baseline.wp.get("faults") if baseline else None},
         "lock": {"max_hold_us": lock["max_hold_us"], "max_alloc_wait_us": lock["max_alloc_wait_us"], **lock},
@@ -156,6 +186,7 @@ def replay_run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None
         "migration": migration_figures(run.migration, baseline.migration if baseline else None),
         "hints": {"messages": h.messages, "ranges": h.ranges, "pages": h.pages,
                   "pages_refused_written": h.pages_refused_written, "stale_messages": h.stale_messages},
+        "guards": asdict(run.guards),
         "faults": run.faults,
         "lock": run.lock,
         "parse_s": round(parse_s, 3),
@@ -185,16 +216,37 @@ def format_summary(rep: dict) -> str:
         f"hints             {h['messages']:>12,} messages, {h['ranges']:,} ranges, {h['pages']:,} pages"
         f" ({h['stale_messages']} stale dropped)",
         f"write faults      {rep['faults']:>12,}",
+    ]
+    if "guards" in rep:
+        lines.append(guards_line(rep["guards"]))
+    lines += [
         f"zone lock         max hold {lk['max_hold_us']} us (per batch p99 {lk['p99_hold_us']} us, "
         f"walk start {lk.get('max_round_start_hold_us', 0)} us), max allocation wait {lk['max_alloc_wait_us']} us",
         f"verification      {m['allocated_pages']:,} allocated pages checked, lost {m['lost_pages']}: "
-        + ("VERIFIED" if m["verified"] else "LOSS DETECTED"),
+        + _verdict(m, rep.get("guards", {}).get("broken") or []),
     ]
     return "\n".join(lines)
 
 
 def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:,.3f} GiB"
+def guards_line(g: dict) -> str:
+    """The text summary's ``guards`` line: how often each guard acted, and which were broken."""
+    scan = "" if g.get("scan_caught_pages") is None else f", scans caught {g['scan_caught_pages']:,} pages"
+    line = (f"guards            refused {g['refused_written_pages']:,} written pages, dropped "
+            f"{g['stale_hint_messages']:,} stale frames, invalidated {g['skips_invalidated']:,} skips{scan}")
+    if g.get("broken"):
+        line += f"; BROKEN: {', '.join(g['broken'])}"
+        if g.get("stale_hints_applied"):
+            line += f" ({g['stale_hints_applied']} stale frames applied)"
+    return line
+
+
+def _verdict(m: dict, broken: list[str]) -> str:
+    if broken:  # --break is a demonstration: never "VERIFIED"
+        what = "LOSS DETECTED" if m["lost_pages"] else "no loss seen, NOT VERIFIED"
+        return f"{what} (guard {', '.join(broken)} broken on purpose: a demonstration)"
+    return "VERIFIED" if m["verified"] else "LOSS DETECTED"
 
 
 def format_replay(rep: dict) -> str:
@@ -210,7 +262,7 @@ def format_replay(rep: dict) -> str:
     if t.get("pages_by_kind"):
         head.insert(1, "PFNs at the start " + _kinds(t["pages_by_kind"]))
     rep2 = {"config": {"gib": round(t["pages"] * PAGE_SIZE / 2**30, 2), "pages": t["pages"], "workload": "replay",
-                       **rep["config"]}, **{k: rep[k] for k in ("migration", "hints", "faults", "lock")}}
+                       **rep["config"]}, **{k: rep[k] for k in ("migration", "hints", "faults", "lock", "guards") if k in rep}}
     rep2["hints"].setdefault("stale_messages", 0)
     tail = f"replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s; parse {rep['parse_s']} s)"
     return "\n".join(head) + "\n" + format_summary(rep2) + "\n" + tail

@@ -51,7 +51,7 @@ async def test_oracle_catches_loss_without_write_tracking(autojump_clock):
 
 
 async def test_oracle_catches_loss_without_invalidation(autojump_clock):
-    run = await migrate_guest(_cfg(invalidate=False, charge_holds=False))
+    run = await migrate_guest(_cfg(broken={"invalidate"}, charge_holds=False))  # as --break invalidate
     assert run.result.lost_pages > 0 and not run.result.verified
 
 

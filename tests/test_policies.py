@@ -203,14 +203,14 @@ async def test_balloon_hint_holds_order_10_blocks_until_done(autojump_clock, chu
 
 async def test_balloon_hint_with_write_tracking_broken_loses_pages(autojump_clock, churn):
     trace, events = churn
-    run = await replay_migration(trace, events, replace(CFG, invalidate=False), policy="balloon-hint")
+    run = await replay_migration(trace, events, replace(CFG, broken={"invalidate"}), policy="balloon-hint")
     assert run.policy.figures()["alloc_conflicts"] > 0  # the trace reused held blocks
     assert run.result.lost_pages > 0 and not run.result.verified
 
 
 async def test_hintpipe_with_write_tracking_broken_loses_pages(autojump_clock, churn):
     trace, events = churn
-    run = await replay_migration(trace, events, replace(CFG, invalidate=False), policy="hintpipe")
+    run = await replay_migration(trace, events, replace(CFG, broken={"invalidate"}), policy="hintpipe")
     assert run.result.lost_pages > 0 and not run.result.verified
 
 

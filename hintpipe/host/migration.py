@@ -167,6 +167,8 @@ class MigrationEngine:
     optional preallocated (already touched) destination, zeroed by the caller. ``observers`` are
     told of each round and chunk as it is done (:class:`~hintpipe.progress.MigrationObserver`:
     a progress bar, the report's time series).
+    ``broken_guards`` names the host guards this run turned off (``--break``): such a run
+    demonstrates a loss and is never verified, whatever the oracle finds.
     """
 
     cfg: MigrationConfig
@@ -179,6 +181,7 @@ class MigrationEngine:
     start_round: Callable[[int], None | Awaitable[None]] | None = None
     dest: np.ndarray | None = None
     observers: Sequence[MigrationObserver] = ()
+    broken_guards: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         n = self.state.page_count
@@ -359,7 +362,7 @@ class MigrationEngine:
                 lost += int(np.count_nonzero(differ))
         self.result.allocated_pages = n_allocated
         self.result.lost_pages = lost
-        self.result.verified = lost == 0
+        self.result.verified = lost == 0 and not self.broken_guards
         return lost
 
 

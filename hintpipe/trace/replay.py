@@ -37,7 +37,7 @@ from hintpipe.host.session import HostSession
 from hintpipe.host.timeline import Timeline
 from hintpipe.inprocess import InProcessLink, migrate_in_process
 from hintpipe.progress import NO_PROGRESS, MigrationObserver, Progress, RoundProgress, Task
-from hintpipe.report import HintFigures, RunOutcome, RunResult, replay_run_report
+from hintpipe.report import GuardFigures, HintFigures, RunOutcome, RunResult, replay_run_report
 from hintpipe.units import MAX_ORDER, NR_ORDERS, order_pages
 from hintpipe.wp.base import UNTRACKED
 from hintpipe.wp.sim import SimBackend
@@ -271,8 +271,8 @@ class ReplayMemory(GuestMemory):
 class ReplayPageState(HostPageState):
     """The host's page state, telling the policy which hinted blocks went into the skip bitmap."""
 
-    def __init__(self, page_count: int, *, invalidate: bool, on_applied) -> None:
-        super().__init__(page_count, invalidate=invalidate)
+    def __init__(self, page_count: int, *, refuse_written: bool, invalidate: bool, on_applied) -> None:
+        super().__init__(page_count, refuse_written=refuse_written, invalidate=invalidate)
         self.on_applied = on_applied
 
     def apply_blocks(self, starts: np.ndarray, orders: np.ndarray) -> int:
@@ -367,11 +367,13 @@ class ReplayRun:
     policy: Policy
     reclaim: ReclaimTracker
     timeline: Timeline | None = None
+    broken: frozenset[str] = frozenset()
 
     def figures(self) -> RunResult:
         """The run's figures for its report (and its charts: the timeline and lock samples)."""
         return RunResult(migration=self.result,
                          hints=HintFigures.of(self.session.conn if self.session else None, self.state),
+                         guards=GuardFigures.of(self.broken, self.session.conn if self.session else None, self.state, self.wp),
                          faults=self.state.faults, wp=self.wp, lock=self.zone.summary(),
                          wall_s=self.wall_s, timeline=self.timeline, lock_samples_us=self.zone.samples_us())
 
@@ -443,7 +445,8 @@ async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, 
     if name == "hintpipe":
         kw["walker"] = TraceWalker(model, min_order=cfg.min_order, batch=cfg.batch, time_budget_us=cfg.time_budget_us)
     pol = POLICIES[name](world, cfg, **kw)
-    state = ReplayPageState(n, invalidate=cfg.invalidate, on_applied=pol.on_hints_applied)
+    state = ReplayPageState(n, refuse_written=cfg.guard_on("refuse-written"), invalidate=cfg.guard_on("invalidate"),
+                            on_applied=pol.on_hints_applied)
     backend = SimBackend(state)  # the recorded kernel's writes fault like an in-process guest's
     memory.tracker = backend.guest_tracker
     zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
@@ -477,6 +480,7 @@ async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, 
         before_chunk=backend.before_chunk,
         start_round=start_round,
         observers=observers,
+        broken_guards=cfg.broken,
     )
     world.t0 = trio.current_time()
     pol.prepare()
@@ -486,7 +490,7 @@ async def replay_migration(trace: Trace, events: EventBatch, cfg: RunConfig, *, 
         result.verified = False  # the host destroyed data the guest held (docs/policies.md)
     return ReplayRun(result, model, state, zone, link.session if link else None, pol.walker, workload,
                      time.perf_counter() - t_wall, backend.stats(), pol, reclaim,
-                     next((o for o in observers if isinstance(o, Timeline)), None))
+                     next((o for o in observers if isinstance(o, Timeline)), None), cfg.broken)
 
 
 REPLAY_CHUNK_PAGES = 1 << 16
