@@ -170,7 +170,8 @@ def plot(res: dict, out_dir: str | Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(9, 4))
         import numpy as np
 
-        labels = [f"{c['gib']}G {c['workload']}\n{c['gbit']:g} Gb/s" for c in cs]
+        labels = [f"{c['gib']}G {c['workload']}{' fresh' if c.get('history') == 0 else ''}\n{c['gbit']:g} Gb/s"
+                  for c in cs]
         x = np.arange(len(cs))
         ax.bar(x - 0.2, [c["time_ms_baseline"] for c in cs], 0.4, label="no hinting", color="C7")
         ax.bar(x + 0.2, [c["time_ms"] for c in cs], 0.4, label="hinting", color="C0")

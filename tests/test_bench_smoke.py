@@ -96,3 +96,17 @@ def test_loading_paths_all_load_the_same_events(tmp_path):
                          process_runs=0, work=tmp_path)
     assert {p["events"] for p in out["paths"].values()} == {40_000}
     assert all(p["load_mevents_per_s"]["runs"] == 1 and p["process_s"] is None for p in out["paths"].values())
+
+
+def test_figures_cells_tables_and_one_demo_run():
+    import figures
+
+    assert figures.rng([3, 3, 3]) == "3"
+    assert figures.rng([1.04, 1.21, 1.1], "{:.1f}", " s") == "1.0-1.2 s"
+    assert figures.rng([None]) == "-"
+    md = figures.table(["a", "b"], [["1", "2"]])
+    assert md.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |"]
+    rep = figures.hintpipe("demo", "--json", "--size", "16M", "--history", "0")
+    m = rep["migration"]
+    assert rep["_exit"] == 0 and m["verified"]
+    assert m["bytes_sent_baseline"] >= m["bytes_sent"] > 0
