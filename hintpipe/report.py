@@ -106,7 +106,7 @@ class RunResult:
     timeline: "Timeline | None" = None
     """The run's figures over time, when it was sampled (the charts of ``--report``)."""
     lock_samples_us: "dict[str, np.ndarray]" = field(default_factory=dict)
-    """Recent zone lock samples in microseconds: ``hold`` (walker batches), ``alloc_wait``."""
+    """Recent zone lock samples in microseconds: ``hold`` (walker holds, empty ones included), ``alloc_wait``."""
 
 
 @dataclass
@@ -220,8 +220,9 @@ def format_summary(rep: dict) -> str:
     if "guards" in rep:
         lines.append(guards_line(rep["guards"]))
     lines += [
-        f"zone lock         max hold {lk['max_hold_us']} us (per batch p99 {lk['p99_hold_us']} us, "
-        f"walk start {lk.get('max_round_start_hold_us', 0)} us), max allocation wait {lk['max_alloc_wait_us']} us",
+        f"zone lock         max hold {lk['max_hold_us']} us (p99 {lk['p99_hold_us']} us over {lk.get('batches', 0):,} "
+        f"batches and {lk.get('empty_holds', 0):,} empty holds, walk start {lk.get('max_round_start_hold_us', 0)} us), "
+        f"max allocation wait {lk['max_alloc_wait_us']} us",
         f"verification      {m['allocated_pages']:,} allocated pages checked, lost {m['lost_pages']}: "
         + _verdict(m, rep.get("guards", {}).get("broken") or []),
     ]
