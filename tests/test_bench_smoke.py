@@ -110,3 +110,15 @@ def test_figures_cells_tables_and_one_demo_run():
     m = rep["migration"]
     assert rep["_exit"] == 0 and m["verified"]
     assert m["bytes_sent_baseline"] >= m["bytes_sent"] > 0
+
+
+def test_figures_rewrite_only_the_readme_blocks_measured(tmp_path):
+    import figures
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- figures:demo -->\nold demo\n<!-- /figures:demo -->\nmiddle\n"
+                      "<!-- figures:lock -->\nold lock\n<!-- /figures:lock -->\nend\n")
+    assert figures.update_readme(readme, {"demo": {"text": "| new |\n| --- |"}}) == ["demo"]
+    text = readme.read_text()
+    assert "| new |\n| --- |\n<!-- /figures:demo -->" in text and "old demo" not in text
+    assert "old lock" in text and text.startswith("intro\n") and text.endswith("end\n")
