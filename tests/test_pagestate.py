@@ -55,12 +55,36 @@ def test_fault_invalidates_skip_and_dirties_next_round():
     assert state.on_written(np.array([5])) == 1
 
 
-def test_invalidation_off_keeps_stale_skips():
+def test_each_guard_switch_turns_off_only_its_guard():
+    # invalidate off: a write leaves the skip set (and counts no invalidation); hints still refused
     state = HostPageState(64, invalidate=False)
+    state.begin_first_round()
+    state.apply_hints(np.array([[0, 8]], dtype=np.uint64))
+    state.on_written(np.array([3]))
+    assert state.skip[3] and state.skips_invalidated == 0
+    state.apply_hints(np.array([[8, 8]], dtype=np.uint64))
+    state.on_written(np.array([9]))
+    assert state.skip[9]
+    state.on_written(np.array([20]))
+    state.apply_hints(np.array([[16, 8]], dtype=np.uint64))
+    assert not state.skip[20] and state.pages_refused_written == 1
+    # refuse-written off: a hint marks a written page; writes still invalidate
+    state = HostPageState(64, refuse_written=False)
     state.begin_first_round()
     state.on_written(np.array([3]))
     state.apply_hints(np.array([[0, 8]], dtype=np.uint64))
-    assert state.skip[3]  # the broken setting the oracle test relies on
+    assert state.skip[3] and state.pages_refused_written == 0
+    state.on_written(np.array([3, 3, 4]))
+    assert not state.skip[3] and not state.skip[4] and state.skips_invalidated == 2
+
+
+def test_skips_invalidated_counts_only_skips_a_write_cleared():
+    state = HostPageState(64)
+    state.begin_first_round()
+    state.on_written(np.array([40]))  # no skip there: a fault, not an invalidation
+    state.apply_hints(np.array([[0, 16]], dtype=np.uint64))
+    state.on_written(np.array([1, 2, 2, 30]))
+    assert state.skips_invalidated == 2
 
 
 def test_non_multiple_page_count():

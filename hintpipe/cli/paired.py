@@ -12,7 +12,7 @@ import json
 import sys
 
 from hintpipe.cli.options import (
-    GUEST_DECIDES, HOST_DECIDES, UsageError, add_guest_options, add_link_options, add_memory_options,
+    GUEST_DECIDES, HOST_DECIDES, UsageError, add_break_option, add_guest_options, add_link_options, add_memory_options,
     add_migration_options, add_output_options, add_walker_options, address_from, command_parser,
     float_at_least, int_in, paired_config, parse_size, secret_from, show_progress, warn_other_side,
 )
@@ -82,6 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_walker_options(h, hidden=True)
     add_link_options(h, hidden=True)
     add_output_options(h, what="each guest's report")
+    add_break_option(h)
     h.set_defaults(func=cmd_host)
 
 

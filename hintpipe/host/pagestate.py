@@ -14,6 +14,11 @@ set. Only hints under the active command id reach :meth:`apply_blocks` (the conn
 ones), which is what makes a persistent skip safe: a hint is applied in the same round its walk
 happened in, and that round's write tracking catches every later write.
 
+Two of the host's guards live here (``hintpipe demo --break`` turns one off, to show the loss oracle
+catching what it protects against): *refuse-written*, a hint never sets ``skip`` on a page
+``written`` this round, and *invalidate*, a write clears the page's ``skip``. Their counters are
+here too: :attr:`HostPageState.pages_refused_written` and :attr:`HostPageState.skips_invalidated`.
+
 Real write-protect backends deliver faults from another OS thread, so every mutation holds
 ``self.lock``: a hint's check of ``written`` and its setting of ``skip`` must not interleave with a
 fault's setting of ``written`` and clearing of ``skip``, or a stale skip could survive the fault.
@@ -32,20 +37,24 @@ from hintpipe.units import order_pages, pages_order, run_pages
 class HostPageState:
     """Skip bitmap + write tracking for one guest of ``page_count`` pages.
 
-    ``invalidate=False`` switches write-protect *invalidation* off (faults still mark pages dirty,
-    but neither clear ``skip`` nor stop later hints from setting it). It exists only so tests can
-    show that the loss oracle catches the resulting lost writes.
+    ``refuse_written=False`` turns the refuse-written guard off (hints set ``skip`` on written
+    pages too); ``invalidate=False`` turns invalidation off (writes still mark pages written and
+    dirty, but leave ``skip`` set). Both exist only to show that the loss oracle catches what
+    the guard protects against.
     """
 
-    def __init__(self, page_count: int, *, invalidate: bool = True) -> None:
+    def __init__(self, page_count: int, *, refuse_written: bool = True, invalidate: bool = True) -> None:
         self.page_count = page_count
         self.skip = np.zeros(page_count, dtype=bool)
         self.written = np.zeros(page_count, dtype=bool)
         self.dirty = np.ones(page_count, dtype=bool)  # round 0 sends everything
+        self.refuse_written = refuse_written
         self.invalidate = invalidate
         self.lock = threading.Lock()
         self.faults = 0
-        """First writes to protected pages (each invalidated a skip and dirtied its page)."""
+        """First writes to protected pages (each dirtied its page)."""
+        self.skips_invalidated = 0
+        """Skip bits a write cleared (a fault, or a scan that found the page written)."""
         self.pages_marked = 0
         """Pages hints newly put into the skip bitmap."""
         self.pages_refused_written = 0
@@ -77,7 +86,10 @@ class HostPageState:
             first = int(np.count_nonzero(~self.written[pfns]))
             self.written[pfns] = True
             if self.invalidate:
-                self.skip[pfns] = False
+                hit = pfns[self.skip[pfns]]
+                if len(hit):  # rare and short: unique() only counts repeated pfns once
+                    self.skips_invalidated += len(np.unique(hit))
+                    self.skip[hit] = False
             self.faults += first
         return first
 
@@ -169,7 +181,7 @@ class HostPageState:
         ones = _ONES[dt]
         old = skip[rows]
         refused = 0
-        if self.invalidate:
+        if self.refuse_written:
             ok = wr[rows]
             np.invert(ok, out=ok)
             np.bitwise_and(ok, ones, out=ok)
@@ -185,7 +197,7 @@ class HostPageState:
     def _apply_pages(self, starts: np.ndarray, sizes: np.ndarray, total: int) -> tuple[int, int]:
         """Small unordered batches: expand the blocks to their pages and mark those."""
         pages = run_pages(starts, sizes)
-        if self.invalidate:
+        if self.refuse_written:
             ok = ~self.written[pages]
             refused = total - int(np.count_nonzero(ok))
         else:

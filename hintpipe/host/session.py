@@ -49,13 +49,13 @@ class HostSession:
 
     def __init__(self, endpoint: Endpoint, *, max_ranges: int = MAX_RANGES_PER_BATCH, window: int | None = None,
                  first_cmd_id: int = CMD_ID_BASE, send_timeout_s: float = 10.0,
-                 idle_timeout_s: float | None = None) -> None:
+                 idle_timeout_s: float | None = None, drop_stale: bool = True) -> None:
         self.endpoint = endpoint
         self.send_timeout_s = send_timeout_s
         self.idle_timeout_s = idle_timeout_s
         """Drop a guest that sends no frame for this long (None: no bound; needs KEEPALIVE)."""
         self._idle: IdleTimer | None = None
-        self.conn = HostConnection()
+        self.conn = HostConnection(drop_stale=drop_stale)  # False only to demonstrate the guard
         self.max_ranges = max_ranges
         self.window = window
         self.state: HostPageState | None = None
@@ -182,7 +182,8 @@ class HostSession:
         elif isinstance(ev, StaleHints):
             await self._ack()
         elif isinstance(ev, RoundEnd):
-            self._round_end.set()
+            if ev.cmd_id == self._next_id - 1:  # a late RoundEnd of an earlier round ends nothing now
+                self._round_end.set()
         elif isinstance(ev, Fault):
             if self.fault_handler is None:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "Fault on a connection whose faults are handled locally")

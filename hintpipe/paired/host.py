@@ -28,6 +28,7 @@ from hintpipe.channel.address import Address
 from hintpipe.channel.endpoint import Endpoint
 from hintpipe.channel.records import V1, RecordEndpoint, record
 from hintpipe.channel.stream import AuthError, auth_server, open_listener, open_stream_endpoint, sendall
+from hintpipe.choices import WORKLOADS
 from hintpipe.config import RACE_MODES, RunConfig
 from hintpipe.guest.workload import WorkloadStats
 from hintpipe.host.migration import MigrationEngine, drive_migration
@@ -44,7 +45,7 @@ from hintpipe.paired.region import RegionError, SharedRegion
 from hintpipe.protocol import MAX_PAGE_COUNT, ErrorCode, ProtocolError, encode
 from hintpipe.protocol.messages import CMD_ID_BASE, Error, Hello
 from hintpipe.progress import NO_PROGRESS, Progress, RoundProgress
-from hintpipe.report import HintFigures, RunResult, format_summary, run_report
+from hintpipe.report import GuardFigures, HintFigures, RunResult, format_summary, run_report
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ socket with unread input resets the connection and the guest would lose its ``Do
 guests on 2 cores, where a guest's last RoundEnd came in after 2 s). A guest that reads Done
 closes at once, so this only bounds a slow or stuck one."""
 
-_LOCK_KEYS = ("batches", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
+_LOCK_KEYS = ("batches", "empty_holds", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
               "p99_alloc_wait_us", "max_alloc_wait_us")
 """The guest-reported zone lock figures a host report carries."""
 
@@ -96,8 +97,11 @@ def _report_config(base: RunConfig, pages: int, guest_cfg: dict) -> RunConfig:
     cfg = replace(base, pages=pages)
     try:
         kind = guest_cfg.get("workload")
-        wl = replace(cfg.workload, kind=kind if kind in ("idle", "churn") else cfg.workload.kind,
-                     seed=int(_num(guest_cfg.get("seed")) or cfg.workload.seed))
+        history = guest_cfg.get("history")
+        if not (isinstance(history, (int, float)) and not isinstance(history, bool) and 0 <= history <= 1):
+            history = cfg.workload.history
+        wl = replace(cfg.workload, kind=kind if kind in WORKLOADS else cfg.workload.kind,
+                     seed=int(_num(guest_cfg.get("seed")) or cfg.workload.seed), history=float(history))
         cfg = replace(cfg, workload=wl,
                       batch=int(_num(guest_cfg.get("batch")) or cfg.batch),
                       min_order=int(_num(guest_cfg.get("min_order")) or cfg.min_order),
@@ -323,8 +327,15 @@ class GuestServer:
         opts = self.opts
         # command ids are unique across this host's connections: a guest that reconnects never
         # sees an id of its previous connection (blocks of 2**16 rounds per connection)
-        session = HostSession(ep, max_ranges=opts.cfg.max_ranges, idle_timeout_s=opts.idle_timeout_s,
+        cfg = opts.cfg
+        # the guards are the host's alone: nothing the guest sends reaches these switches
+        session = HostSession(ep, max_ranges=cfg.max_ranges, idle_timeout_s=opts.idle_timeout_s,
+                              drop_stale=cfg.guard_on("stale-drop"),
                               first_cmd_id=CMD_ID_BASE + ((conn - 1) % 32768) * 65536)
+
+        def page_state(pages: int) -> HostPageState:
+            return HostPageState(pages, refuse_written=cfg.guard_on("refuse-written"),
+                                 invalidate=cfg.guard_on("invalidate"))
         regions: list[SharedRegion] = []
 
         def make_state(hello: Hello) -> HostPageState:
@@ -333,7 +344,7 @@ class GuestServer:
                 if mirror.region is None or mirror.region.page_count != hello.page_count:
                     raise RegionError("tcp guest did not announce its memory (INIT record) for Hello's page_count")
                 regions.append(mirror.region)
-                return HostPageState(hello.page_count)
+                return page_state(hello.page_count)
             fds = take_fds()
             for extra in fds[1:]:
                 os.close(extra)
@@ -347,7 +358,7 @@ class GuestServer:
                 raise
             if rx is not None and rx.info.page_count != hello.page_count:
                 raise RegionError(f"the RAM handoff says {rx.info.page_count} pages, Hello says {hello.page_count}")
-            return HostPageState(hello.page_count)
+            return page_state(hello.page_count)
 
         async def refuse(code: ErrorCode, msg: str, hello: Hello | None = None) -> None:
             with trio.move_on_after(1):
@@ -394,7 +405,7 @@ class GuestServer:
         try:
             if rx is not None:
                 try:
-                    real = HostRealMemory(rx, session.state)
+                    real = HostRealMemory(rx, session.state, scan_before_send=cfg.guard_on("scan-before-send"))
                 except (RealMemoryError, ValueError, OSError) as e:
                     await refuse(ErrorCode.UNSUPPORTED, f"guest RAM unusable: {e}", hello)
                     return
@@ -432,6 +443,7 @@ class GuestServer:
             before_chunk=real.before_chunk if kernel_wp else None,
             dest=real.dest if real is not None else None,
             observers=(rounds := RoundProgress(self.progress, f"guest {gid} {hello.name!r}"),),
+            broken_guards=opts.cfg.broken,
         )
         t0 = time.perf_counter()
         wp_stats: dict = {}
@@ -448,7 +460,10 @@ class GuestServer:
             session.fault_handler = None  # holds the page state and the region: let go of them now
         rounds.close()
         res = engine.result
-        if reason is None and not res.verified:
+        if reason is None and opts.cfg.broken:
+            reason = (f"guard {', '.join(sorted(opts.cfg.broken))} broken on purpose (a demonstration): "
+                      f"{res.lost_pages} lost pages")
+        elif reason is None and not res.verified:
             reason = f"verification failed: {res.lost_pages} lost pages"
         status = "migrated" if reason is None else "failed"
         gstats = region.read_stats()
@@ -462,7 +477,8 @@ class GuestServer:
               "guest_ram": "mirrored" if isinstance(region, MirroredRegion) else "shared"}
         if real is not None:
             wp = {**wp, "backend": real.name, **wp_stats}
-        run = RunResult(migration=res, hints=HintFigures.of(session.conn, state), faults=state.faults,
+        run = RunResult(migration=res, hints=HintFigures.of(session.conn, state),
+                        guards=GuardFigures.of(opts.cfg.broken, session.conn, state, wp), faults=state.faults,
                         wp=wp, lock={k: _num(lock.get(k)) for k in _LOCK_KEYS},
                         notifications=_notifications(ep, gstats), workload=asdict(workload),
                         wall_s=time.perf_counter() - t0)

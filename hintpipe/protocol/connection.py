@@ -270,12 +270,17 @@ class HostConnection(_Connection):
     Events: Hello, Hints (current round; ranges validated), StaleHints (stopped round: drop the
     ranges, but Ack the frame), RoundEnd, Fault, Ping (answer with :meth:`pong`), Pong, Error,
     Bye, ConnectionClosed.
+
+    ``drop_stale=False`` turns the stale-drop guard off: a frame under a stopped command id comes
+    out as Hints, to be applied (wire-v1 section 6.3 forbids it; this exists only to show that the
+    loss oracle catches what the guard protects against).
     """
 
     _role = Role.HOST
 
-    def __init__(self) -> None:
+    def __init__(self, *, drop_stale: bool = True) -> None:
         super().__init__(ConnState.AWAIT_HELLO)
+        self.drop_stale = drop_stale
         self._guest_window: int | None = None
         self._hello: Hello | None = None
         self._current: int | None = None
@@ -284,7 +289,7 @@ class HostConnection(_Connection):
         self._unacked = 0
         self._faults: set[int] = set()
         self.hints_frames = 0
-        """Hints frames accepted under the active round."""
+        """Hints frames accepted under the active round (with ``drop_stale=False``: any open one)."""
         self.hints_ranges = 0
         """Ranges in those frames."""
         self.hints_pages = 0
@@ -293,6 +298,8 @@ class HostConnection(_Connection):
         """Hints frames dropped because their round was already stopped."""
         self.stale_ranges = 0
         """Ranges in those frames."""
+        self.stale_frames_applied = 0
+        """Hints frames under a stopped round passed on to be applied (stale-drop turned off)."""
         self.acks_sent = 0
         """Ack frames sent."""
         self.fault_frames = 0
@@ -347,7 +354,8 @@ class HostConnection(_Connection):
         n = len(msg.ranges)
         self._unacked += 1
         self._open[msg.cmd_id] = seen + 1
-        if msg.cmd_id == self._current:
+        if msg.cmd_id == self._current or not self.drop_stale:
+            self.stale_frames_applied += msg.cmd_id != self._current
             self.hints_frames += 1
             self.hints_ranges += n
             self.hints_pages += int(msg.ranges[:, 1].sum())
