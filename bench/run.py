@@ -3,7 +3,8 @@
     python bench/run.py [--quick] [--json OUT] [--plot DIR] [--only NAME[,NAME...]]
 
 Benchmarks (modules bench/b_*.py, each ``run(quick) -> dict``): apply (host skip bitmap),
-codec, walker, e2e (two processes per transport), replay (real recordings), scale (fresh
+codec, walker, e2e (two processes per transport), replay (real recordings), load (a
+recording's events by path: text, text cached, raw, trace-v1), scale (fresh
 process per guest size), migration (outcome with and without hinting), wp (write-protect fault
 rates, when bench_wp_rate.py exists). ``--quick`` is sized to finish in under two minutes on a
 2-core machine. Top-level JSON keys other tools read: host_apply_mranges_per_s,
@@ -28,7 +29,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import format_table, machine_info, row, write_json  # noqa: E402
 
-ORDER = ("apply", "codec", "walker", "e2e", "replay", "scale", "migration", "wp")
+ORDER = ("apply", "codec", "walker", "e2e", "replay", "load", "scale", "migration", "wp")
 
 
 def run_all(quick: bool, only: list[str] | None = None, log=print, progress=None) -> dict:
@@ -182,7 +183,8 @@ def plot(res: dict, out_dir: str | Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(9, 4))
         import numpy as np
 
-        labels = [f"{c['gib']}G {c['workload']}\n{c['gbit']:g} Gb/s" for c in cs]
+        labels = [f"{c['gib']}G {c['workload']}{' fresh' if c.get('history') == 0 else ''}\n{c['gbit']:g} Gb/s"
+                  for c in cs]
         x = np.arange(len(cs))
         ax.bar(x - 0.2, [c["time_ms_baseline"] for c in cs], 0.4, label="no hinting", color="C7")
         ax.bar(x + 0.2, [c["time_ms"] for c in cs], 0.4, label="hinting", color="C0")

@@ -15,10 +15,10 @@ from hintpipe.guest.workload import WorkloadConfig
 from hintpipe.host.migration import MigrationConfig
 from hintpipe.protocol import MAX_RANGES_PER_BATCH
 from hintpipe.units import MAX_ORDER
-from hintpipe.choices import MEMORY_KINDS, RACE_MODES, WP_CHOICES
+from hintpipe.choices import GUARDS, MEMORY_KINDS, RACE_MODES, WP_CHOICES
 from hintpipe.wp import REAL_BACKENDS
 
-__all__ = ["RACE_MODES", "MEMORY_KINDS", "RunConfig", "ReplayUsageError"]
+__all__ = ["RACE_MODES", "MEMORY_KINDS", "GUARDS", "RunConfig", "ReplayUsageError"]
 
 
 class ReplayUsageError(ValueError):
@@ -41,7 +41,7 @@ class RunConfig:
     max_ranges: int = MAX_RANGES_PER_BATCH
     wp: str = "sim"  # sim, uffd, uffd-async, auto, or off (no write tracking: for the oracle test)
     memory: str = "sim"
-    invalidate: bool = True  # write-protect invalidation of skips (off only to prove the oracle)
+    broken: frozenset[str] = frozenset()  # host guards turned off (GUARDS): a demonstration only
     charge_holds: bool = True
     fixed_hold_s: float | None = None  # charge this per walker hold instead of the measured time
     baseline: bool = True  # also migrate the same guest without hinting, for comparison
@@ -67,6 +67,18 @@ class RunConfig:
             raise ValueError(f"wp must be one of {', '.join(WP_CHOICES)}, got {self.wp!r}")
         if self.wp in REAL_BACKENDS and self.memory != "real":
             raise ValueError(f"--wp {self.wp} write-protects real memory: use it with --memory real")
+        object.__setattr__(self, "broken", frozenset(self.broken))  # any collection of names
+        unknown = self.broken - set(GUARDS)
+        if unknown:
+            raise ValueError(f"unknown guard {sorted(unknown)[0]!r} (one of {', '.join(GUARDS)})")
+        if "scan-before-send" in self.broken and (self.memory != "real" or self.wp not in ("uffd-async", "auto")):
+            raise ValueError("the scan-before-send guard exists only with --memory real --wp uffd-async")
+
+    def guard_on(self, name: str) -> bool:
+        """Whether the host guard ``name`` (a key of :data:`GUARDS`) is in force."""
+        if name not in GUARDS:
+            raise ValueError(f"unknown guard {name!r}")
+        return name not in self.broken
 
     @classmethod
     def for_replay(cls, *, write_rate: float = 0.0, seed: int = 1, tick_s: float = 0.02,

@@ -17,15 +17,14 @@ from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 import trio
-import trio.testing
 
 from hintpipe.channel.inproc import inproc_pair
 from hintpipe.config import RunConfig
 from hintpipe.guest.buddy import BuddyAllocator
 from hintpipe.guest.memory import GuestMemory, RealGuestMemory
-from hintpipe.guest.producer import MigrationFailed, Producer
+from hintpipe.guest.producer import MigrationFailed, Producer, ProducerHooks
 from hintpipe.guest.walker import FreeListWalker, Walker
-from hintpipe.guest.workload import Workload
+from hintpipe.guest.workload import Workload, make_workload, producer_hooks
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationEngine, MigrationResult, drive_migration
 from hintpipe.host.pagestate import HostPageState
@@ -35,7 +34,7 @@ from hintpipe.linux.memfd import WORDS_PER_PAGE, GuestRam
 from hintpipe.linux.userfaultfd import Userfaultfd, register_wp
 from hintpipe.progress import NO_PROGRESS, MigrationObserver, Progress, RoundProgress
 from hintpipe.protocol import Hello
-from hintpipe.report import HintFigures, RunOutcome, RunResult, run_report
+from hintpipe.report import GuardFigures, HintFigures, RunOutcome, RunResult, run_report
 from hintpipe.wp import make_backend, resolve_backend
 from hintpipe.wp.base import WpBackend
 
@@ -44,12 +43,17 @@ __all__ = ["InProcessLink", "InProcessRun", "RealMachine", "migrate_in_process",
 
 
 class InProcessLink:
-    """A guest's hinting producer and its host session, joined by an in-process virtqueue pair."""
+    """A guest's hinting producer and its host session, joined by an in-process virtqueue pair.
 
-    def __init__(self, cfg: RunConfig, walker: Walker, zone: ZoneLock, page_count: int, *, name: str) -> None:
+    The session's stale-drop guard follows ``cfg`` (``hooks``: the guest workload's, if any)."""
+
+    def __init__(self, cfg: RunConfig, walker: Walker, zone: ZoneLock, page_count: int, *, name: str,
+                 hooks: ProducerHooks | None = None) -> None:
         self._guest_end, self._host_end = inproc_pair(cfg.queue_size, event_idx=cfg.event_idx)
-        self.producer = Producer(self._guest_end, walker, zone, page_count, window=cfg.queue_size, name=name)
-        self.session = HostSession(self._host_end, max_ranges=cfg.max_ranges)
+        self.producer = Producer(self._guest_end, walker, zone, page_count, window=cfg.queue_size, name=name,
+                                 hooks=hooks)
+        self.session = HostSession(self._host_end, max_ranges=cfg.max_ranges,
+                                   drop_stale=cfg.guard_on("stale-drop"))
 
     async def run_guest(self) -> None:
         """The guest's side: serve rounds until ``Done``, then close the link (the host sees it)."""
@@ -111,12 +115,14 @@ class InProcessRun:
     kicks: dict
     wp: dict = field(default_factory=dict)
     timeline: Timeline | None = None
+    broken: frozenset[str] = frozenset()
 
     def figures(self) -> RunResult:
         """The run's figures for its report."""
         return RunResult(
             migration=self.result,
             hints=HintFigures.of(self.session.conn if self.session else None, self.state),
+            guards=GuardFigures.of(self.broken, self.session.conn if self.session else None, self.state, self.wp),
             faults=self.state.faults, wp=self.wp, lock=self.zone.summary(),
             notifications=self.kicks, workload=asdict(self.workload.stats), wall_s=self.wall_s,
             timeline=self.timeline, lock_samples_us=self.zone.samples_us())
@@ -124,7 +130,7 @@ class InProcessRun:
 
 async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMachine | None = None,
                         observers: Sequence[MigrationObserver] = (),
-                        workload: Callable[..., Workload] = Workload) -> InProcessRun:
+                        workload: Callable[..., Workload] = make_workload) -> InProcessRun:
     """Boot a guest, migrate it (hinting on or off) and verify; runs under any trio clock.
 
     With ``cfg.memory == "real"`` the guest's pages live in ``machine`` (a :class:`RealMachine`,
@@ -132,8 +138,10 @@ async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMa
     ``cfg.wp`` must be resolved (not ``auto``) unless this function makes the machine.
     The engine tells ``observers`` of each round and chunk, and a :class:`Timeline` among them
     is kept in the result (``InProcessRun.timeline``). ``workload(cfg.workload, alloc, memory,
-    zone)`` makes what the guest's vCPUs run: :class:`~hintpipe.guest.workload.Workload` or a
-    subclass of it (``examples/custom_workload.py``).
+    zone)`` makes what the guest's vCPUs run (default: the workload ``cfg.workload.kind`` names,
+    :func:`~hintpipe.guest.workload.make_workload`): a :class:`~hintpipe.guest.workload.Workload`
+    or a subclass of it (``examples/custom_workload.py``); a race workload's hooks go to the
+    producer.
     """
     if cfg.memory == "real" and machine is None:
         wp = resolve_backend(cfg.wp, "real")
@@ -144,12 +152,13 @@ async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMa
     t_wall = time.perf_counter()
     n = cfg.pages
     alloc = BuddyAllocator(n)
-    state = HostPageState(n, invalidate=cfg.invalidate)
+    state = HostPageState(n, refuse_written=cfg.guard_on("refuse-written"), invalidate=cfg.guard_on("invalidate"))
     if cfg.memory == "real":
         if machine.backend != wp_name:
             raise ValueError(f"machine registered for --wp {machine.backend}, config says {wp_name}")
         machine.reset_dest()
-        backend = make_backend(wp_name, state, **machine.backend_kwargs())
+        backend = make_backend(wp_name, state, scan_before_send=cfg.guard_on("scan-before-send"),
+                               **machine.backend_kwargs())
         memory = RealGuestMemory(machine.guest)
         read_source, dest = machine.read_source, machine.dest
     else:
@@ -176,7 +185,7 @@ async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory:
     if hinting:
         walker = FreeListWalker(alloc, min_order=cfg.min_order, batch=cfg.batch,
                                 time_budget_us=cfg.time_budget_us, isolate=cfg.race_mode == "isolate")
-        link = InProcessLink(cfg, walker, zone, cfg.pages, name="sim-guest")
+        link = InProcessLink(cfg, walker, zone, cfg.pages, name="sim-guest", hooks=producer_hooks(workload))
     engine = MigrationEngine(
         replace(cfg.migration, hinting=hinting),
         state,
@@ -188,12 +197,13 @@ async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory:
         start_round=backend.start_round,
         dest=dest,
         observers=observers,
+        broken_guards=cfg.broken,
     )
     result = await migrate_in_process(engine, workload.run, link)
     timeline = next((o for o in observers if isinstance(o, Timeline)), None)
     return InProcessRun(result, state, alloc, memory, zone, workload, link.producer if link else None,
                         link.session if link else None, walker, time.perf_counter() - t_wall,
-                        link.kicks() if link else {}, backend.stats(), timeline)
+                        link.kicks() if link else {}, backend.stats(), timeline, cfg.broken)
 
 
 def run_demo(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> dict:
@@ -201,8 +211,10 @@ def run_demo(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> dict:
     return the report (:func:`~hintpipe.report.run_report`).
 
     One :class:`RealMachine` serves both runs in real-memory mode (allocated and touched once).
-    ``cfg.wp == "auto"`` is resolved first; the report's ``wp.backend`` is the one used.
-    Raises ``UffdUnavailable`` when a real backend asked for by name cannot work here.
+    ``cfg.wp == "auto"`` is resolved first; the report's ``wp.backend`` is the one used. Guards
+    in ``cfg.broken`` are off in the hinted run only: the baseline is what a real system does.
+    Raises ``UffdUnavailable`` when a real backend asked for by name cannot work here, and
+    ValueError for ``scan-before-send`` broken without uffd-async.
     """
     return demo_outcome(cfg, progress=progress).report
 
@@ -210,13 +222,18 @@ def run_demo(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> dict:
 def demo_outcome(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> RunOutcome:
     """:func:`run_demo`, keeping both runs (each with its :class:`Timeline`) for the charts;
     ``progress`` shows each run's rounds as they go."""
+    import trio.testing  # here, not at the top: it imports pytest, 0.2 s that ``replay`` does not need
+
     cfg = replace(cfg, wp=resolve_backend(cfg.wp, cfg.memory))
+    if "scan-before-send" in cfg.broken and cfg.wp != "uffd-async":
+        raise ValueError(f"the scan-before-send guard exists only with --wp uffd-async (this run uses {cfg.wp})")
     machine = RealMachine(cfg.pages, cfg.wp, progress=progress) if cfg.memory == "real" else None
 
     async def one(hinting: bool) -> InProcessRun:
         label = "with hinting" if hinting else "baseline (no hinting)"
-        return await migrate_guest(cfg, hinting=hinting, machine=machine,
-                                   observers=(Timeline(), RoundProgress(progress, label)))
+        # the baseline is what a real system does: every guard in force
+        return await migrate_guest(cfg if hinting else replace(cfg, broken=frozenset()), hinting=hinting,
+                                   machine=machine, observers=(Timeline(), RoundProgress(progress, label)))
 
     async def main():
         run = await one(True)

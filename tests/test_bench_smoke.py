@@ -102,3 +102,39 @@ def test_c_yardstick_without_a_compiler_is_reported_not_fatal(monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     fn, note = b_apply.build_c_yardstick()
     assert fn is None and "no C compiler" in note
+
+
+def test_loading_paths_all_load_the_same_events(tmp_path):
+    import b_load
+
+    rec = Path(__file__).parent / "data" / "traces" / "numpy-churn"
+    out = b_load.measure(rec, ["text cold", "text first run", "text cached", "trace-v1"], runs=1,
+                         process_runs=0, work=tmp_path)
+    assert {p["events"] for p in out["paths"].values()} == {40_000}
+    assert all(p["load_mevents_per_s"]["runs"] == 1 and p["process_s"] is None for p in out["paths"].values())
+
+
+def test_figures_cells_tables_and_one_demo_run():
+    import figures
+
+    assert figures.rng([3, 3, 3]) == "3"
+    assert figures.rng([1.04, 1.21, 1.1], "{:.1f}", " s") == "1.0-1.2 s"
+    assert figures.rng([None]) == "-"
+    md = figures.table(["a", "b"], [["1", "2"]])
+    assert md.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |"]
+    rep = figures.hintpipe("demo", "--json", "--size", "16M", "--history", "0")
+    m = rep["migration"]
+    assert rep["_exit"] == 0 and m["verified"]
+    assert m["bytes_sent_baseline"] >= m["bytes_sent"] > 0
+
+
+def test_figures_rewrite_only_the_readme_blocks_measured(tmp_path):
+    import figures
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- figures:demo -->\nold demo\n<!-- /figures:demo -->\nmiddle\n"
+                      "<!-- figures:lock -->\nold lock\n<!-- /figures:lock -->\nend\n")
+    assert figures.update_readme(readme, {"demo": {"text": "| new |\n| --- |"}}) == ["demo"]
+    text = readme.read_text()
+    assert "| new |\n| --- |\n<!-- /figures:demo -->" in text and "old demo" not in text
+    assert "old lock" in text and text.startswith("intro\n") and text.endswith("end\n")

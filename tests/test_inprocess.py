@@ -51,7 +51,7 @@ async def test_oracle_catches_loss_without_write_tracking(autojump_clock):
 
 
 async def test_oracle_catches_loss_without_invalidation(autojump_clock):
-    run = await migrate_guest(_cfg(invalidate=False, charge_holds=False))
+    run = await migrate_guest(_cfg(broken={"invalidate"}, charge_holds=False))  # as --break invalidate
     assert run.result.lost_pages > 0 and not run.result.verified
 
 
@@ -96,12 +96,15 @@ def test_demo_json_has_the_documented_keys(capsys):
     assert main(["demo", "--size", "64M", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     for key in ("pages_total", "pages_sent", "pages_sent_baseline", "pages_skipped", "rounds",
-                "lost_pages", "verified"):
+                "lost_pages", "verified", "bytes_sent", "bytes_sent_baseline", "zero_pages_sent",
+                "zero_pages_sent_baseline", "bytes_saved_pct", "sleep_overshoot_s"):
         assert key in rep["migration"]
     for key in ("messages", "ranges", "pages"):
         assert key in rep["hints"]
     assert isinstance(rep["faults"], int)
     assert "max_hold_us" in rep["lock"] and "max_alloc_wait_us" in rep["lock"]
+    assert rep["lock"]["batches"] + rep["lock"]["empty_holds"] > 0
+    assert rep["config"]["history"] == 1.0 and rep["workload_baseline"]["ticks"] > 0
     assert rep["migration"]["pages_total"] == 64 * 256
     assert rep["migration"]["verified"] is True
 

@@ -1,14 +1,21 @@
-"""The central invariant, checked by hypothesis over arbitrary interleavings.
+"""A model of one migration's interleavings, checked by hypothesis step by step.
 
-A rule-based state machine drives the real allocator, walker, wire codec and host page state
-step by step, in any order hypothesis picks: allocations, frees, writes (each faulting through
-the simulated write-protect), walker batches (hints put in flight), hint delivery (possibly
-after the round that produced them ended: a stale command id), partial sends, round ends. At the
-end the guest is paused, the rest is sent, and every allocated page is checked. With
-write-protect invalidation switched off, the same machine must find a lost page: that proves
-the oracle can fail. Hints are applied as they are delivered or, as the host session does,
-staged and applied later (when the page state is next read, or at the round end), so faults
-also land between a hint's staging and its application.
+What this is: a rule-based state machine that drives the production allocator, walker, wire
+connections (real frames) and host page state one step at a time, in any order hypothesis picks:
+allocations, frees, writes, walker batches, hint delivery (possibly after the round that produced
+them ended: a stale command id), chunks sent, round ends; at the end the guest is paused, the rest
+is sent, and every allocated page is checked. What it is not: the migration engine. The send loop,
+the round structure, the simulated write fault (``_write``) and the final check are re-implemented
+here in a few lines, because hypothesis must own every step to reach interleavings a whole
+migration under a clock reaches only by chance, and to shrink a failure to a few steps.
+
+So this file shows that the page state and the protocol's rules are sufficient under any
+interleaving of these steps; that each guard is *necessary* in a real migration, through
+``MigrationEngine`` and its oracle, is shown by ``tests/test_guards.py``. The machine with
+invalidation switched off must find a loss, so the check here can fail too. Hints are applied as
+they are delivered or, as the host session does, staged and applied later (when the page state
+is next read, or at the round end), so faults also land between a hint's staging and its
+application.
 """
 
 from __future__ import annotations

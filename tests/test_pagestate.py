@@ -71,12 +71,36 @@ def test_fault_invalidates_skip_and_dirties_next_round():
     assert state.on_written(np.array([5])) == 1
 
 
-def test_invalidation_off_keeps_stale_skips():
+def test_each_guard_switch_turns_off_only_its_guard():
+    # invalidate off: a write leaves the skip set (and counts no invalidation); hints still refused
     state = HostPageState(64, invalidate=False)
+    state.begin_first_round()
+    state.apply_hints(np.array([[0, 8]], dtype=np.uint64))
+    state.on_written(np.array([3]))
+    assert state.is_skip([3])[0] and state.skips_invalidated == 0
+    state.apply_hints(np.array([[8, 8]], dtype=np.uint64))
+    state.on_written(np.array([9]))
+    assert state.is_skip([9])[0]
+    state.on_written(np.array([20]))
+    state.apply_hints(np.array([[16, 8]], dtype=np.uint64))
+    assert not state.is_skip([20])[0] and state.pages_refused_written == 1
+    # refuse-written off: a hint marks a written page; writes still invalidate
+    state = HostPageState(64, refuse_written=False)
     state.begin_first_round()
     state.on_written(np.array([3]))
     state.apply_hints(np.array([[0, 8]], dtype=np.uint64))
-    assert state.is_skip([3])[0]  # the broken setting the oracle test relies on
+    assert state.is_skip([3])[0] and state.pages_refused_written == 0
+    state.on_written(np.array([3, 3, 4]))
+    assert not state.is_skip([3])[0] and not state.is_skip([4])[0] and state.skips_invalidated == 2
+
+
+def test_skips_invalidated_counts_only_skips_a_write_cleared():
+    state = HostPageState(64)
+    state.begin_first_round()
+    state.on_written(np.array([40]))  # no skip there: a fault, not an invalidation
+    state.apply_hints(np.array([[0, 16]], dtype=np.uint64))
+    state.on_written(np.array([1, 2, 2, 30]))
+    assert state.skips_invalidated == 2
 
 
 def test_non_multiple_page_count():
@@ -163,21 +187,21 @@ def test_staging_applies_on_its_own_when_full():
     assert state.pages_marked == 8 * HostPageState.STAGE_RANGES
 
 
-@pytest.mark.parametrize("invalidate", [True, False])
-def test_fault_between_staging_and_applying_is_refused(invalidate):
+@pytest.mark.parametrize("refuse", [True, False])
+def test_fault_between_staging_and_applying_is_refused(refuse):
     """A write fault arriving after a hint was staged and before it is applied: the staged hint
     must not put the faulted page into the skip bitmap. The fault does not wait for the staged
     hints; the refuse-written check at apply time keeps the page out, because the fault set
     ``written`` first. With the guard off the page is skipped: a lost write."""
-    state = HostPageState(64, invalidate=invalidate)
+    state = HostPageState(64, refuse_written=refuse)
     state.begin_first_round()
     state.stage_hints(np.array([[8, 8]], dtype=np.uint64))  # pages 8..15
     assert state.on_written(np.array([11])) == 1
     assert state.staged_blocks == 1  # not applied by the fault
     skip = state.skip_in()  # applies it
     assert skip[8:11].all() and skip[12:16].all()
-    assert skip[11] == (not invalidate)
-    assert state.pages_refused_written == (1 if invalidate else 0)
+    assert skip[11] == (not refuse)
+    assert state.pages_refused_written == (1 if refuse else 0)
 
 
 def test_round_end_applies_staged_hints_in_their_round():

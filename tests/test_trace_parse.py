@@ -111,3 +111,26 @@ def test_truncated_zstd_at_line_boundary_is_still_truncated(tmp_path):
     with pytest.raises(TraceError) as ei:
         parse_tracefs(tmp_path / "t.zst")
     assert ei.value.code in ("truncated", "corrupt")
+
+
+def test_parsing_chunks_in_parallel_equals_parsing_them_in_turn():
+    seq_st, par_st = ParseStats(), ParseStats()
+    seq = parse_tracefs(TAR / "kmem.trace.zst", stats=seq_st, chunk_size=1 << 16, workers=1)
+    par = parse_tracefs(TAR / "kmem.trace.zst", stats=par_st, chunk_size=1 << 16, workers=2)
+    assert len(seq) == 30_000 and seq_st == par_st
+    assert all(np.array_equal(getattr(seq, k), getattr(par, k)) for k in COLUMNS)
+
+
+def test_parallel_parsing_reports_the_first_bad_line_in_file_order(tmp_path):
+    lines = text(TAR).splitlines(keepends=True)[:5000]
+    lines[3000] = b"garbage line\n"  # a later chunk, possibly parsed first
+    lines[1200] = b"CPU:0 [LOST 3 EVENTS]\n"
+    p = tmp_path / "kmem.trace"
+    p.write_bytes(b"".join(lines))
+    with pytest.raises(TraceError) as ei:
+        parse_tracefs(p, chunk_size=1 << 14, workers=2)
+    assert ei.value.code == "lost-events" and ei.value.line == 1201
+    st = ParseStats()
+    with pytest.warns(UserWarning, match="skipped 2 bad lines"):
+        b = parse_tracefs(p, skip_bad=True, stats=st, chunk_size=1 << 14, workers=2)
+    assert len(b) == 4998 and st.skipped == {"lost-events": 1, "malformed": 1} and st.lost_events == 3

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from hintpipe.choices import MEMORY_KINDS, WP_CHOICES
 from hintpipe.cli.options import (
-    NO_BASELINE_HELP, CommandFailed, UsageError, add_guest_options, add_link_options, add_migration_options,
+    NO_BASELINE_HELP, CommandFailed, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
     add_output_options, add_walker_options, command_parser, run_config_from, show_progress,
 )
 
@@ -40,15 +40,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "userfaultfd), uffd-async (WP_ASYNC + PAGEMAP_SCAN), off (none: loses pages)")
     add_output_options(d, charts=True)
     d.add_argument("--no-baseline", action="store_true", help=NO_BASELINE_HELP)
+    add_break_option(d)
     d.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo; print its report (text or JSON); exit 0 when the migration verified."""
+    """Run the demo; print its report (text or JSON); exit 0 when the migration verified (never
+    with ``--break``)."""
     from hintpipe.cli.checks import check_charts, check_memory, write_charts
 
     try:
-        cfg = replace(run_config_from(args), memory=args.memory, wp=args.wp, baseline=not args.no_baseline)
+        cfg = replace(run_config_from(args), memory=args.memory, wp=args.wp, baseline=not args.no_baseline,
+                      broken=frozenset(args.break_guards))
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_charts(args)  # before any work: matplotlib there, --report and --plot writable
@@ -56,9 +59,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hintpipe.inprocess import demo_outcome
     from hintpipe.progress import open_progress
     from hintpipe.report import format_summary
-    from hintpipe.wp import UffdUnavailable
+    from hintpipe.wp import UffdUnavailable, resolve_backend
 
     try:
+        if "scan-before-send" in cfg.broken:  # only uffd-async scans: resolve --wp auto first
+            cfg = replace(cfg, wp=resolve_backend(cfg.wp, cfg.memory))
+            if cfg.wp != "uffd-async":
+                raise UsageError(f"the scan-before-send guard exists only with --wp uffd-async "
+                                 f"(--wp auto picked {cfg.wp} here)")
         with open_progress(show_progress(args)) as progress:
             out = demo_outcome(cfg, progress=progress)
     except UffdUnavailable as e:  # asked for by name and missing here: say what, never fall back

@@ -2,11 +2,11 @@
 
 Options mean the same in every command that takes them. Who decides an option given to both
 paired processes: the guest decides its own size, workload, walker and link (``--size``,
-``--workload``, ``--seed``, ``--ops-per-s``, ``--writes-per-s``, ``--batch``, ``--min-order``,
-``--race-mode``, ``--queue-size``, ``--no-event-idx``, ``--memory``, ``--wp``); the host decides the
-migration (``--bandwidth``, ``--max-rounds``, ``--downtime-ms``). Either process still accepts the
-other side's options, so one list of options can be given to both, but says once that it ignores
-them.
+``--workload``, ``--seed``, ``--ops-per-s``, ``--writes-per-s``, ``--history``, ``--batch``,
+``--min-order``, ``--race-mode``, ``--queue-size``, ``--no-event-idx``, ``--memory``, ``--wp``); the
+host decides the migration (``--bandwidth``, ``--max-rounds``, ``--downtime-ms``). Either process
+still accepts the other side's options, so one list of options can be given to both, but says once
+that it ignores them.
 
 Nothing here imports numpy or trio at module level: building the parser stays fast.
 """
@@ -21,12 +21,12 @@ from dataclasses import replace
 from importlib import metadata
 
 from hintpipe import __version__
-from hintpipe.choices import MEMORY_KINDS, RACE_MODES, WORKLOADS, WP_CHOICES
+from hintpipe.choices import GUARDS, MEMORY_KINDS, RACE_MODES, WORKLOADS, WP_CHOICES
 
 __all__ = ["UsageError", "CommandFailed", "version_text", "command_parser", "parse_size", "int_in",
            "float_at_least", "add_guest_options", "add_walker_options", "add_link_options",
            "add_migration_options", "add_output_options", "SEED_HELP", "NO_BASELINE_HELP", "add_memory_options", "warn_other_side",
-           "run_config_from", "paired_config", "address_from", "secret_from", "show_progress",
+           "run_config_from", "paired_config", "address_from", "secret_from", "show_progress", "add_break_option",
            "GUEST_DECIDES", "HOST_DECIDES"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -126,6 +126,13 @@ def _max_order() -> int:
     return MAX_ORDER
 
 
+def _fraction(text: str) -> float:
+    value = float_at_least(0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in 0..1, got {text}")
+    return value
+
+
 def _power_of_two(text: str) -> int:
     value = int_in(1, 1 << 15)(text)
     if value & (value - 1):
@@ -135,7 +142,7 @@ def _power_of_two(text: str) -> int:
 
 # ---- option groups ---------------------------------------------------------------------------
 
-GUEST_DECIDES = ("size", "workload", "seed", "ops_per_s", "writes_per_s", "batch", "min_order",
+GUEST_DECIDES = ("size", "workload", "seed", "ops_per_s", "writes_per_s", "history", "batch", "min_order",
                  "race_mode", "queue_size", "no_event_idx")
 """Options of the guest (given to ``hintpipe host`` they are ignored: the guest decides them)."""
 HOST_DECIDES = ("bandwidth", "max_rounds", "downtime_ms")
@@ -163,12 +170,16 @@ def add_guest_options(p: argparse.ArgumentParser, *, hidden: bool = False) -> No
     add = _adder(p, "guest (decided by the guest)", hidden)
     add("--size", type=parse_size, metavar="SIZE", help="guest RAM: 4G (default), 512M, 1T ... (4 KiB pages)")
     add("--workload", choices=WORKLOADS,
-        help="churn: allocations, frees and rewrites (default); idle: resident memory and a trickle of writes")
+        help="churn: allocations, frees and rewrites (default); idle: resident memory and a trickle of writes; "
+             "race: churn plus a guest that aims at hinting's races on purpose (README: Races and guards)")
     add("--seed", type=int, help=SEED_HELP)
     add("--ops-per-s", type=float_at_least(0), metavar="N",
         help="churn: allocations + frees per second of guest time (default 10000)")
     add("--writes-per-s", type=float_at_least(0), metavar="N",
         help="page rewrites per second of guest time (default 40000; idle 2000)")
+    add("--history", type=_fraction, metavar="F",
+        help="share of the pages free at migration start that hold old data: 1 (default) a guest "
+             "that has run a while, 0 a freshly booted one (its free pages are zero)")
 
 
 def add_walker_options(p: argparse.ArgumentParser, *, replay: bool = False, hidden: bool = False) -> None:
@@ -251,6 +262,15 @@ def _given(args: argparse.Namespace, **names: str) -> dict:
     return {f: getattr(args, d) for f, d in names.items() if getattr(args, d, None) is not None}
 
 
+def add_break_option(p: argparse.ArgumentParser) -> None:
+    """``--break GUARD`` (repeatable): the host's guards only; a demonstration, never a setting."""
+    p.add_argument("--break", dest="break_guards", action="append", choices=tuple(GUARDS), default=[],
+                   metavar="GUARD",
+                   help="DEMONSTRATION ONLY: turn off one of the host's safety guards (" + ", ".join(GUARDS)
+                        + "; repeatable) to show that the final check catches what it protects against; "
+                        "such a run is never verified and exits 1")
+
+
 def run_config_from(args: argparse.Namespace):
     """Build a :class:`~hintpipe.config.RunConfig` from the guest, walker, link and migration
     options this command has (options not given keep the configuration's defaults; UsageError
@@ -258,13 +278,14 @@ def run_config_from(args: argparse.Namespace):
     from hintpipe.config import RunConfig
     from hintpipe.guest.workload import WorkloadConfig
 
-    wkw = _given(args, seed="seed", ops_per_s="ops_per_s", write_pages_per_s="writes_per_s")
+    wkw = _given(args, seed="seed", ops_per_s="ops_per_s", write_pages_per_s="writes_per_s", history="history")
     kw = _given(args, pages="size", batch="batch", min_order="min_order", race_mode="race_mode",
                 queue_size="queue_size")
     if getattr(args, "no_event_idx", False):
         kw["event_idx"] = False
     try:
-        wl = WorkloadConfig.idle(**wkw) if getattr(args, "workload", None) == "idle" else WorkloadConfig(**wkw)
+        kind = getattr(args, "workload", None) or "churn"
+        wl = WorkloadConfig.idle(**wkw) if kind == "idle" else WorkloadConfig(kind=kind, **wkw)
         return RunConfig(workload=wl, migration=migration_config_from(args), **kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -295,7 +316,9 @@ def paired_config(args: argparse.Namespace, *, guest: bool):
         raise UsageError(TCP_REFUSAL)
     try:
         wp = resolve_backend(args.wp, args.memory) if guest or args.wp != "auto" else args.wp
-        return replace(run_config_from(args), memory=args.memory, wp=wp)
+        # --break is the host's alone (the guest has no such option: it cannot turn a guard off)
+        broken = frozenset(() if guest else args.break_guards)
+        return replace(run_config_from(args), memory=args.memory, wp=wp, broken=broken)
     except UffdUnavailable as e:
         raise UsageError(e.reason) from None
     except ValueError as e:

@@ -22,6 +22,11 @@ applied before anyone reads the page sets, when enough are staged, and before a 
 for them: a staged hint applied after a fault is refused for the faulted page by the same check
 that refuses any hint for a page written this round (``skip |= block & ~written`` at apply time).
 
+Two of the host's guards live here (``hintpipe demo --break`` turns one off, to show the loss oracle
+catching what it protects against): *refuse-written*, a hint never sets ``skip`` on a page
+``written`` this round, and *invalidate*, a write clears the page's ``skip``. Their counters are
+here too: :attr:`HostPageState.pages_refused_written` and :attr:`HostPageState.skips_invalidated`.
+
 Real write-protect backends deliver faults from another OS thread, so every mutation holds
 ``self.lock``: a hint's check of ``written`` and its setting of ``skip`` must not interleave with a
 fault's setting of ``written`` and clearing of ``skip``, or a stale skip could survive the fault.
@@ -42,9 +47,10 @@ from hintpipe.units import distinct, pages_order
 class HostPageState:
     """Skip bitmap + write tracking for one guest of ``page_count`` pages.
 
-    ``invalidate=False`` switches write-protect *invalidation* off (faults still mark pages dirty,
-    but neither clear ``skip`` nor stop later hints from setting it). It exists only so tests can
-    show that the loss oracle catches the resulting lost writes.
+    ``refuse_written=False`` turns the refuse-written guard off (hints set ``skip`` on written
+    pages too); ``invalidate=False`` turns invalidation off (writes still mark pages written and
+    dirty, but leave ``skip`` set). Both exist only to show that the loss oracle catches what
+    the guard protects against.
 
     Readers use the range and count methods (:meth:`skip_in`, :meth:`count_skip`, ...), which
     never expose the representation.
@@ -55,15 +61,18 @@ class HostPageState:
     STAGE_RANGES = 8192
     """Staged blocks that trigger an apply on their own (bounds what staging holds)."""
 
-    def __init__(self, page_count: int, *, invalidate: bool = True) -> None:
+    def __init__(self, page_count: int, *, refuse_written: bool = True, invalidate: bool = True) -> None:
         self.page_count = page_count
         self._skip = PageBits(page_count)
         self._written = PageBits(page_count)
         self._dirty = PageBits(page_count, fill=True)  # round 0 sends everything
+        self.refuse_written = refuse_written
         self.invalidate = invalidate
         self.lock = threading.Lock()
         self.faults = 0
-        """First writes to protected pages (each invalidated a skip and dirtied its page)."""
+        """First writes to protected pages (each dirtied its page)."""
+        self.skips_invalidated = 0
+        """Skip bits a write cleared (a fault, or a scan that found the page written)."""
         self._pages_marked = 0
         self._pages_refused_written = 0
         self._staged: list[np.ndarray] = []  # (n, 2) [start, npages] arrays, as received
@@ -197,6 +206,13 @@ class HostPageState:
             self._dirty.swap(self._written)
             self._written.fill(False)
 
+    def keep_dirty(self, mask: np.ndarray) -> None:
+        """Leave in this round's send set only the pages where ``mask`` (bool, a page each) is
+        true (a replay's PFNs that are not RAM are never sent)."""
+        keep = PageBits.from_mask(np.asarray(mask, dtype=bool))
+        with self.lock:
+            np.bitwise_and(self._dirty.bytes, keep.bytes, out=self._dirty.bytes)
+
     def begin_first_round(self) -> None:
         """Round 0: everything is to be sent and everything is protected."""
         with self.lock:
@@ -224,7 +240,9 @@ class HostPageState:
             np.add.at(wr, b, new)
             if self.invalidate:
                 skip = self._skip.bytes
-                np.subtract.at(skip, b, m & skip[b])
+                hit = m & skip[b]
+                self.skips_invalidated += popcount(hit)
+                np.subtract.at(skip, b, hit)
             first = popcount(new)
             self.faults += first
         return first
@@ -248,6 +266,7 @@ class HostPageState:
                     sk = int(skip[i])
                     if sk & bit:
                         skip[i] = sk & ~bit
+                        self.skips_invalidated += 1
             self.faults += first
         return first
 
@@ -364,7 +383,7 @@ class HostPageState:
         dt = _WORD.get(nbytes) or np.dtype(f"V{nbytes}")
         skip = self._skip.bytes.view(dt)
         old = skip.take(rows)
-        ok = self._written.bytes.view(dt).take(rows) if self.invalidate else None
+        ok = self._written.bytes.view(dt).take(rows) if self.refuse_written else None
         if nbytes > 8:
             old, ok = old.view(np.uint64), (None if ok is None else ok.view(np.uint64))
         refused = 0
@@ -391,7 +410,7 @@ class HostPageState:
         skip = self._skip.bytes
         t = skip.take(b)
         refused = 0
-        if self.invalidate:
+        if self.refuse_written:
             w = self._written.bytes.take(b)
             refused = _count_bits(k, m & w)
             np.bitwise_or(t, w, out=t)

@@ -259,18 +259,20 @@ class HostRealMemory:
     a fault before it lifts the protection under the same lock, so every write is recorded in
     exactly one round, before it lands; a write to a page still unprotected from the previous round
     (between swap and re-protect) is to a page already in this round's send set, sent afterwards.
-    ``uffd-async``: the full scan before the swap and the per-chunk scans make every write before
-    a send decision visible to it; a write after it is found by the next scan (the same argument
-    as in :mod:`hintpipe.wp`). Pausing still uses the control page
+    ``uffd-async``: the full scan before each swap puts every write before it into a send set
+    still to come (the argument is in :mod:`hintpipe.wp`). Pausing still uses the control page
     (:class:`~hintpipe.paired.barrier.HostControl`), so the final round's scan sees every write.
     A guest stuck in the kernel on a protected page never blocks the host's trio loop: the sync
     handler is its own thread, and a barrier would only have to wait for it, not the reverse.
     """
 
-    def __init__(self, rx: ReceivedRam, state: HostPageState) -> None:
+    def __init__(self, rx: ReceivedRam, state: HostPageState, *, scan_before_send: bool = True) -> None:
         n = state.page_count
         if rx.info.page_count != n:
             raise RealMemoryError(f"the RAM handoff says {rx.info.page_count} pages, Hello says {n}")
+        if not scan_before_send and rx.info.backend != "uffd-async":
+            raise RealMemoryError(f"this host breaks the scan-before-send guard, which only --wp uffd-async "
+                                  f"has; the guest uses --wp {rx.info.backend}")
         self.info = rx.info
         self.page_count = n
         self.ram = GuestRam(n, fd=rx.memfd)  # our own mapping: reads never fault
@@ -280,7 +282,8 @@ class HostRealMemory:
             self.dest.fill(0)  # touched now: the first round must not pay first-touch faults
             if rx.info.backend != "sim":
                 self.backend = make_backend(rx.info.backend, state, ram_addr=rx.info.addr,
-                                            page_count=n, uffd_fd=rx.uffd_fd, pid=rx.info.pid)
+                                            page_count=n, uffd_fd=rx.uffd_fd, pid=rx.info.pid,
+                                            scan_before_send=scan_before_send)
         except BaseException:
             self.ram.close()
             raise

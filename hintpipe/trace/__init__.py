@@ -1,9 +1,11 @@
-"""Real page-allocator traces: Linux kmem/kpageflags import, live recorder, hintpipe trace-v1
-format (protocols/trace-v1.md) and a replay model of the buddy allocator.
+"""Real page-allocator traces: recording folders (protocols/recording-v1.md: ring-buffer pages or
+tracefs text, kpageflags snapshots), the live recorder, hintpipe trace-v1 (protocols/trace-v1.md)
+and its cache of recordings, and a replay model of the buddy allocator.
 
 Entry points::
 
-    tr = open_trace("recording-folder-or-file.hpt")   # Trace
+    tr = open_trace("recording-folder-or-file.hpt", cache=True)   # Trace (cache: recordings only)
+    events = tr.events()                               # EventBatch, all events in trace order
     model = tr.model()                                 # ReplayModel
     allocated, freed = model.advance_to(t_ns)
     convert(recording_dir, "out.hpt"); inspect(path); record(outdir, duration, command)

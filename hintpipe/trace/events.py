@@ -75,3 +75,7 @@ class EventBatch:
     def columns(self) -> dict[str, np.ndarray]:
         """Column name -> array, in the trace format's column order."""
         return {k: getattr(self, k) for k in COLUMNS}
+
+    def outside(self, page_count: int) -> np.ndarray:
+        """bool per event: the block reaches past PFN ``page_count - 1`` (beyond the snapshot)."""
+        return self.pfn + (np.uint64(1) << self.order.astype(np.uint64)) > np.uint64(page_count)

@@ -6,6 +6,8 @@ a header, event batches of columnar little-endian arrays (msgpack bin), and an e
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from hintpipe.units import MAX_ORDER, MAX_PAGE_COUNT, PAGE_SIZE
 
 from .errors import TraceError
 from .events import COLUMNS, EventBatch
+from .layout import Layout, PageKind, Zone
 from .stream import iter_zstd_fileobj
 
 MAGIC = b"HPTRACE1"
@@ -33,12 +36,16 @@ def _unpack_bitmap(b: bytes, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(b, np.uint8), count=n, bitorder="little").astype(bool)
 
 
-def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16, task=None) -> dict:
+def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16, task=None, *, level: int = ZSTD_LEVEL,
+             derived_from: dict | None = None) -> dict:
     """Write an opened :class:`~hintpipe.trace.recording.Trace` as trace-v1. Returns a summary.
 
-    The file appears only once complete: it is written as ``OUT.part`` and renamed; a failure or
-    an interrupt removes the ``.part`` file. ``task`` (a :class:`~hintpipe.progress.Task`) is told
-    the events written so far."""
+    The file appears only once complete (written to a temporary ``.part`` name in the same
+    folder, then renamed); a failure or an interrupt removes the ``.part`` file. ``task`` (a
+    :class:`~hintpipe.progress.Task`) is told the events written so far. ``derived_from`` (a map)
+    is stored in the header under that key (the trace cache's record of its source files). What
+    reading the source skipped (``trace.stats``: skip_bad) goes into the end record.
+    """
     out_file = Path(out_file)
     header = {
         "type": "header",
@@ -52,11 +59,16 @@ def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16, task=None
         "buddyinfo_end": trace.buddyinfo_end,
         "columns": [[k, dt.str] for k, dt in COLUMNS.items()],
     }
+    if derived_from is not None:
+        header["derived_from"] = derived_from
+    if trace.known_layout is not None:
+        header.update(_layout_fields(trace.known_layout))
     total = 0
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
-    tmp = out_file.with_name(out_file.name + ".part")
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".part")
+    tmp = Path(tmp_name)
     try:
-        with open(tmp, "wb") as raw:
+        with os.fdopen(fd, "wb") as raw:
             raw.write(MAGIC)
             with cctx.stream_writer(raw, closefd=False) as z:
                 z.write(msgpack.packb(header, use_bin_type=True))
@@ -70,12 +82,66 @@ def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16, task=None
                         total += len(part)
                     if task is not None:
                         task.update(total)
-                z.write(msgpack.packb({"type": "end", "events": total}, use_bin_type=True))
+                end = {"type": "end", "events": total}
+                stats = getattr(trace, "stats", None)
+                if stats is not None and (stats.skipped or stats.lost_events):
+                    end["skipped"] = {str(k): int(v) for k, v in stats.skipped.items()}
+                    end["lost_events"] = int(stats.lost_events)
+                z.write(msgpack.packb(end, use_bin_type=True))
+        os.chmod(tmp, 0o644)
         tmp.replace(out_file)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return {"events": total, "bytes": out_file.stat().st_size, "page_count": trace.page_count}
+
+
+def _layout_fields(layout: Layout) -> dict:
+    """The optional header keys that carry a :class:`~.layout.Layout` (protocols/trace-v1.md)."""
+    out = {
+        "zones": [z.as_dict() for z in layout.zones],
+        "not_ram": {"encoding": "bitmap-le", "data": _pack_bitmap(layout.kind == PageKind.NOT_RAM)},
+        "zero_at_start": {"encoding": "bitmap-le", "data": _pack_bitmap(layout.kind == PageKind.ZERO)},
+        "layout_notes": list(layout.notes),
+    }
+    if layout.reported is not None:
+        out["reported_at_start"] = {"encoding": "bitmap-le", "data": _pack_bitmap(layout.reported)}
+    return out
+
+
+def _optional_bitmap(h: dict, key: str, n: int, sp: str) -> np.ndarray | None:
+    v = h.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, dict) or v.get("encoding") != "bitmap-le" or not isinstance(v.get("data"), bytes) \
+            or len(v["data"]) != (n + 7) // 8:
+        raise TraceError("format", f"{key} must be a little-endian bitmap of page_count bits", sp)
+    return _unpack_bitmap(v["data"], n)
+
+
+def _layout_of(h: dict, initial_free: np.ndarray, sp: str) -> Layout | None:
+    """The header's :class:`~.layout.Layout`, or None when it carries none (older writers)."""
+    n = len(initial_free)
+    not_ram = _optional_bitmap(h, "not_ram", n, sp)
+    zero = _optional_bitmap(h, "zero_at_start", n, sp)
+    if not_ram is None or zero is None:
+        return None
+    zones = h.get("zones") or []
+    if not isinstance(zones, list) or not all(isinstance(z, dict) for z in zones):
+        raise TraceError("format", "zones must be an array of maps", sp)
+    try:
+        zs = [Zone.from_dict(z) for z in zones]
+    except (KeyError, TypeError, ValueError) as e:
+        raise TraceError("format", f"malformed zone ({type(e).__name__}: {e})", sp) from None
+    if any(z.start_pfn < 0 or z.spanned < 0 or z.end_pfn > n for z in zs):
+        raise TraceError("format", "a zone lies outside the trace's page_count", sp)
+    kind = np.full(n, PageKind.USED, np.uint8)
+    kind[zero] = PageKind.ZERO
+    kind[initial_free] = PageKind.FREE
+    kind[not_ram] = PageKind.NOT_RAM
+    notes = h.get("layout_notes") or []
+    return Layout(kind, zs, _optional_bitmap(h, "reported_at_start", n, sp),
+                  [str(x) for x in notes] if isinstance(notes, list) else [])
 
 
 def _records(path: Path) -> Iterator[dict]:
@@ -102,21 +168,33 @@ def _records(path: Path) -> Iterator[dict]:
             raise TraceError("truncated", "trace-v1 file is truncated (no end record)", sp)
 
 
-def read_v1_header(path: str | Path) -> dict:
-    """Read and validate the header of a trace-v1 file; return what an opened trace holds:
-    ``initial_free`` (bool per page), ``buddyinfo_start``, ``buddyinfo_end`` and ``source``."""
-    path = Path(path)
+def _header_record(path: Path) -> dict:
     sp = str(path)
     it = _records(path)
     try:
         h = next(it)
     except StopIteration:
         raise TraceError("truncated", "no header record", sp) from None
-    it.close()
+    finally:
+        it.close()
+    return h
+
+
+def read_v1_header(path: str | Path) -> dict:
+    """Read and validate the header of a trace-v1 file; return what an opened trace holds:
+    ``initial_free`` (bool per page), ``buddyinfo_start``, ``buddyinfo_end`` and ``source``."""
+    path = Path(path)
+    h = _header_record(path)
     try:
         return _header_fields(h, path)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
-        raise TraceError("format", f"malformed header ({type(e).__name__}: {e})", sp) from None
+        raise TraceError("format", f"malformed header ({type(e).__name__}: {e})", str(path)) from None
+
+
+def read_v1_derived_from(path: str | Path) -> dict | None:
+    """The header's ``derived_from`` map (None if absent or not a map)."""
+    d = _header_record(Path(path)).get("derived_from")
+    return d if isinstance(d, dict) else None
 
 
 def _header_fields(h: dict, path: Path) -> dict:
@@ -143,12 +221,15 @@ def _header_fields(h: dict, path: Path) -> dict:
             raise TraceError("format", f"{key} must be nil or a map with free_pages and by_order", sp)
     if not isinstance(h.get("source") or {}, dict):
         raise TraceError("format", "source must be a map", sp)
-    return {"initial_free": _unpack_bitmap(init["data"], n), "buddyinfo_start": h.get("buddyinfo_start"),
-            "buddyinfo_end": h.get("buddyinfo_end"), "source": dict(h.get("source") or {})}
+    initial_free = _unpack_bitmap(init["data"], n)
+    return {"initial_free": initial_free, "buddyinfo_start": h.get("buddyinfo_start"),
+            "buddyinfo_end": h.get("buddyinfo_end"), "source": dict(h.get("source") or {}),
+            "known_layout": _layout_of(h, initial_free, sp)}
 
 
-def iter_v1_batches(path: str | Path, page_count: int) -> Iterator[EventBatch]:
-    """Stream the event batches of a trace-v1 file, validating sizes, types and pfn range."""
+def iter_v1_batches(path: str | Path, page_count: int, end: dict | None = None) -> Iterator[EventBatch]:
+    """Stream the event batches of a trace-v1 file, validating sizes, types and pfn range; the
+    end record is copied into ``end`` (if given) once reached."""
     sp = str(path)
     total = 0
     for rec in _records(Path(path)):
@@ -158,6 +239,13 @@ def iter_v1_batches(path: str | Path, page_count: int) -> Iterator[EventBatch]:
         if t == "end":
             if rec.get("events") != total:
                 raise TraceError("format", f"end record says {rec.get('events')} events, batches held {total}", sp)
+            skipped, lost = rec.get("skipped", {}), rec.get("lost_events", 0)
+            if not (isinstance(skipped, dict) and all(isinstance(k, str) and isinstance(v, int) and v >= 0
+                                                      for k, v in skipped.items())
+                    and isinstance(lost, int) and lost >= 0):
+                raise TraceError("format", "end record's skipped must map str to counts and lost_events be a count", sp)
+            if end is not None:
+                end.update(rec)
             return
         if t != "batch":
             continue  # unknown record types are skipped (forward compatibility, see spec)
@@ -174,8 +262,7 @@ def iter_v1_batches(path: str | Path, page_count: int) -> Iterator[EventBatch]:
         if n and ((batch.etype > 4).any() or (batch.order > MAX_ORDER).any()):
             raise TraceError("format", f"unknown event type or order > 10 in the batch at event {total}", sp)
         if n:
-            end = batch.pfn + (np.uint64(1) << batch.order.astype(np.uint64))
-            bad = np.flatnonzero(end > np.uint64(page_count))
+            bad = np.flatnonzero(batch.outside(page_count))
             if len(bad):
                 raise TraceError("pfn-range", f"event {total + int(bad[0])}: pfn {int(batch.pfn[bad[0]]):#x} lies beyond "
                                  f"the snapshot ({page_count} pages)", sp)

@@ -134,42 +134,39 @@ def iter_line_chunks(path: str | Path, chunk_size: int = 4 << 20) -> Iterator[by
         yield data
 
 
-def iter_line_chunks_threaded(path: str | Path, chunk_size: int = 4 << 20, depth: int = 2,
-                              prepare=None) -> Iterator:
-    """:func:`iter_line_chunks` with decompression in a helper thread (zstd and numpy release the
-    GIL, so on 2+ cores decompression overlaps parsing). ``prepare(chunk)``, if given, also runs
-    in the helper thread and its result is yielded instead of the chunk. At most ``depth``
-    chunks wait in the queue, so memory stays bounded; errors are re-raised in the caller."""
+def prefetched(gen: Iterator, depth: int = 2, name: str = "hintpipe-prefetch") -> Iterator:
+    """Run the iterator ``gen`` in a helper thread up to ``depth`` items ahead of the consumer
+    (zstd and numpy release the GIL, so on 2+ cores the producer's work overlaps the consumer's).
+    At most ``depth`` items wait in the queue, so memory stays bounded; the producer's errors are
+    re-raised in the consumer; a consumer that stops early stops the thread."""
     import queue
     import threading
 
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    DONE = object()
+    done = object()
 
     def produce() -> None:
         try:
-            for c in iter_line_chunks(path, chunk_size):
-                if prepare is not None:
-                    c = prepare(c)
+            for item in gen:
                 while not stop.is_set():
                     try:
-                        q.put(c, timeout=0.1)
+                        q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
                 if stop.is_set():
                     return
-            q.put(DONE)
+            q.put(done)
         except BaseException as e:  # handed to the consumer
             q.put(e)
 
-    th = threading.Thread(target=produce, daemon=True, name="hintpipe-trace-decompress")
+    th = threading.Thread(target=produce, daemon=True, name=name)
     th.start()
     try:
         while True:
             item = q.get()
-            if item is DONE:
+            if item is done:
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -177,3 +174,14 @@ def iter_line_chunks_threaded(path: str | Path, chunk_size: int = 4 << 20, depth
     finally:
         stop.set()
         th.join(timeout=5)
+
+
+def iter_line_chunks_threaded(path: str | Path, chunk_size: int = 4 << 20, depth: int = 2,
+                              prepare=None) -> Iterator:
+    """:func:`iter_line_chunks` decompressed in a helper thread (:func:`prefetched`).
+    ``prepare(chunk)``, if given, also runs in the helper thread and its result is yielded
+    instead of the chunk."""
+    chunks = iter_line_chunks(path, chunk_size)
+    if prepare is not None:
+        chunks = (prepare(c) for c in chunks)
+    return prefetched(chunks, depth, "hintpipe-trace-decompress")

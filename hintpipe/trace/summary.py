@@ -13,15 +13,16 @@ from .recording import open_trace
 from .snapshot import count_by_order
 
 
-def inspect(path: str | Path, samples: int = 50, skip_bad: bool = False) -> dict:
+def inspect(path: str | Path, samples: int = 50, skip_bad: bool = False, *, cache: bool = False, log=None) -> dict:
     """Summarise a recording folder or trace-v1 file (one pass to count, one model replay).
 
     Keys: path, kind, page_count, events, by_type {name: n}, by_type_order {name: [11 ints]},
     t_start_s, t_end_s, span_s, initial {free_pages, free_by_order}, final {free_pages,
     free_by_order, reference_free_pages, reference_free_by_order, error_pages, error_pct},
-    buddyinfo_start_free_pages, free_over_time [[t_rel_s, free_pages], ...], source.
+    buddyinfo_start_free_pages, free_over_time [[t_rel_s, free_pages], ...], source. ``cache`` and
+    ``log`` as for :func:`~hintpipe.trace.recording.open_trace`.
     """
-    tr = open_trace(path, skip_bad=skip_bad)
+    tr = open_trace(path, skip_bad=skip_bad, cache=cache, log=log)
     counts = np.zeros((len(EventType), NR_ORDERS), np.int64)
     t0 = t1 = None
     for b in tr.batches():
@@ -46,7 +47,7 @@ def inspect(path: str | Path, samples: int = 50, skip_bad: bool = False) -> dict
         final["error_pages"] = final["free_pages"] - ref["free_pages"]
         final["error_pct"] = round(100.0 * final["error_pages"] / max(ref["free_pages"], 1), 4)
     return {
-        "path": str(path), "kind": tr.kind, "page_count": tr.page_count,
+        "path": str(path), "kind": tr.kind, "encoding": tr.encoding, "page_count": tr.page_count,
         "events": int(counts.sum()),
         "by_type": {EVENT_NAMES[t]: int(counts[t].sum()) for t in EventType},
         "by_type_order": {EVENT_NAMES[t]: counts[t].tolist() for t in EventType},

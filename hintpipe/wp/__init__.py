@@ -19,14 +19,20 @@ Why hints applied late are safe with each backend (a hint describes a page as it
 guest walked it; the guest may write the page before the hint is applied):
 
 * ``sim`` and ``uffd``: the fault is handled (``state.on_written``: skip cleared, ``written`` set)
-  *before* the write lands, so a hint applied after the write finds ``written`` set and is refused.
-* ``uffd-async``: the kernel resolves the fault itself, so the page state learns of a write only at
-  the next scan. A hint applied between the write and that scan does set the skip bit, but the scan
-  then clears it (``on_written``); a hint applied after the scan is refused (``written``). The
-  engine scans a chunk's pages right before deciding what to send from it, scans the whole guest at
-  each round end and at each round start (the final one after the guest is paused), so no skip
-  set by a late hint survives to a send decision for a page written before that decision; a write
-  after the decision is in the next round's send set.
+  *before* the write lands, so a hint applied after the write finds ``written`` set and is refused
+  (the refuse-written guard). The page stays unprotected for the rest of the round, so a later
+  write to it faults no more: without the refusal its skip would outlive that write.
+* ``uffd-async``: the kernel resolves the fault itself, so the page state learns of a write only
+  at the next scan, and every scan re-protects what it reports. A hint applied between the write
+  and that scan does set the skip bit; the scan then clears it (``on_written``, counted as
+  ``scan_caught_pages``) and the page is in the next round's send set. A hint applied after a
+  scan saw the write is refused (needed: the page may not be sent this round, and nothing will
+  write it again). Safety rests on the full scan right before each round's swap, the final one
+  taken with the guest paused: every write before it is in a send set still to come (the
+  *scan-before-send* guard). The engine's other scans are not needed for safety: the scan of
+  each chunk right before it is sent only sends a page written since its hint in this round as
+  well as in the next (``tests/test_guards.py::test_uffd_async_needs_no_per_chunk_scans``), and
+  the whole-guest scan at the end of a live round feeds the convergence check.
 """
 
 from __future__ import annotations
@@ -164,11 +170,12 @@ def resolve_backend(requested: str, memory: str = "real") -> str:
 
 def make_backend(name: str, state: HostPageState, *, ram_addr: int | None = None,
                  page_count: int | None = None, uffd_fd: int | None = None,
-                 pid: int | None = None) -> WpBackend:
+                 pid: int | None = None, scan_before_send: bool = True) -> WpBackend:
     """Build the backend ``name`` (already resolved: not ``auto``) for ``state``.
 
     Real backends need ``ram_addr`` (the guest's mapping address), ``page_count`` and
-    ``uffd_fd``; ``uffd-async`` also the guest's ``pid``.
+    ``uffd_fd``; ``uffd-async`` also the guest's ``pid``. ``scan_before_send=False`` turns the
+    uffd-async round-start scan off (a demonstration; the other backends do not scan).
     """
     if name == "sim":
         return SimBackend(state)
@@ -183,4 +190,4 @@ def make_backend(name: str, state: HostPageState, *, ram_addr: int | None = None
         return SyncUffdBackend(state, ram_addr, n, uffd_fd)
     if pid is None:
         raise ValueError("--wp uffd-async needs the guest's pid (for /proc/PID/pagemap)")
-    return AsyncUffdBackend(state, ram_addr, n, uffd_fd, pid)
+    return AsyncUffdBackend(state, ram_addr, n, uffd_fd, pid, scan_before_send=scan_before_send)

@@ -2,7 +2,8 @@
 
 No fault messages: :class:`UffdAsyncTracker` asks PAGEMAP_SCAN (WP_MATCHING, PAGE_IS_WRITTEN)
 which pages were written and re-protects them in the same call; :class:`AsyncUffdBackend` binds
-it to a host page state and scans each chunk right before it is sent.
+it to a host page state and scans the whole guest before each round's swap, after each live
+round and each chunk right before it is sent.
 """
 
 from __future__ import annotations
@@ -88,19 +89,43 @@ class AsyncUffdBackend(WpBackend):
     ``uffd_fd`` as for :class:`SyncUffdBackend` but with WP_FEATURES_ASYNC; ``pid`` is the guest
     process whose ``/proc/PID/pagemap`` is scanned (this process for the in-process demo).
     Round 0 starts with the arming pass, whose "everything written" answer is not counted.
+
+    Three kinds of scan hand written pages to the page state (``on_written``: ``written`` set,
+    ``skip`` cleared, so the page is in the next round's send set):
+
+    * *round start* (:meth:`start_round`, every round after the first, the final one with the
+      guest paused): the whole guest, right before the swap that makes the written pages the
+      new round's send set. This is the scan safety rests on: every write before it is in a send
+      set still to come, and the final one leaves no write unseen (the *scan-before-send* guard;
+      ``scan_before_send=False`` turns it off, only to show what it protects against);
+    * *round end* (``before_chunk(0, n)``): the whole guest after a live round's last chunk, so
+      the engine's convergence check counts the round's writes;
+    * *chunk* (``before_chunk(a, b)``): pages ``[a, b)`` right before that chunk is sent, so a
+      page written since its last scan is sent now as well (it is resent next round anyway).
+
+    :attr:`scan_caught` counts, per kind, the pages a scan found written while their skip bit
+    was set: a hint had marked them free, the guest wrote them since, and the scan is what
+    cleared the skip.
     """
 
     name = "uffd-async"
+    scan_chunks = True
+    """Scan each chunk before it is sent. Not needed for safety (the round-start scan is); a class
+    attribute so that a measurement can compare runs without it."""
 
     def __init__(self, state: HostPageState, ram_addr: int, page_count: int, uffd_fd: int,
-                 pid: int) -> None:
+                 pid: int, *, scan_before_send: bool = True) -> None:
         super().__init__(state)
         if page_count != state.page_count:
             raise ValueError("guest RAM and page state disagree on the page count")
         self.tracker = UffdAsyncTracker(ram_addr, page_count, uffd_fd, pid)
+        self.scan_before_send = scan_before_send
+        self.scan_caught = {"chunk": 0, "round_end": 0, "round_start": 0}
 
-    def _collect(self, pfns: np.ndarray) -> None:
+    def _collect(self, pfns: np.ndarray, kind: str) -> None:
         if len(pfns):
+            # read before on_written clears them; hints are applied on this (the trio) thread
+            self.scan_caught[kind] += int(np.count_nonzero(self.state.is_skip(pfns)))
             self.state.on_written(pfns)
 
     def start_round(self, index: int) -> None:
@@ -110,21 +135,28 @@ class AsyncUffdBackend(WpBackend):
             self.tracker.arm()
             self.state.begin_first_round()
         else:
-            # writes since the last scan belong to the round that is ending
-            self._collect(self.tracker.written_since_last())
+            if self.scan_before_send:
+                # writes since the last scan belong to the round that is ending
+                self._collect(self.tracker.written_since_last(), "round_start")
             self.state.begin_round()
 
     async def before_chunk(self, start: int, stop: int) -> None:
-        """Scan ``[start, stop)`` and hand the written pages to the page state."""
-        self._collect(self.tracker.written_in(start, stop))
+        """Scan ``[start, stop)`` and hand the written pages to the page state (a call over the
+        whole guest is the engine's round-end scan; chunk scans only while :attr:`scan_chunks`)."""
+        if (start, stop) == (0, self.state.page_count):
+            self._collect(self.tracker.written_in(start, stop), "round_end")
+        elif self.scan_chunks:
+            self._collect(self.tracker.written_in(start, stop), "chunk")
 
     def stats(self) -> dict:
         """``faults``: first writes per round, as the page state counts them for every backend;
         ``written_found``: written pages the scans reported (arming pass excluded; a page written
-        again after a scan re-protected it is found again); protecting calls; scans."""
+        again after a scan re-protected it is found again); protecting calls; scans; the pages
+        scans caught with their skip bit set (``scan_caught_pages``, and by kind of scan)."""
         s = self.tracker.stats()
         return {"backend": self.name, "faults": self.state.faults, "written_found": s["faults"],
-                "protect_calls": s["protect_calls"], "scans": s["scans"]}
+                "protect_calls": s["protect_calls"], "scans": s["scans"],
+                "scan_caught_pages": sum(self.scan_caught.values()), "scan_caught_by": dict(self.scan_caught)}
 
     def close(self) -> None:
         """Close the pagemap fd (the uffd belongs to the caller)."""
