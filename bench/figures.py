@@ -16,7 +16,8 @@ without hinting; the baseline's longer rounds), ``lock`` (zone-lock holds of a 6
 replays of the recordings in ../shared/traces), ``realmem`` (``--memory real`` with each
 write-protect backend), ``paired`` (guest and host processes over each transport),
 ``paired_real`` (guest and host processes with real memory and userfaultfd),
-``apply`` (host apply: one call of 1.7 M ranges and protocol-sized frames of 32, 512 and 4096),
+``apply`` (host apply: one call of 1.7 M ranges and protocol-sized frames of 32 (staged and one call
+each), 512 and 4096, beside a C loop where a compiler is present),
 ``published`` (8 GiB guests beside Wei Wang's published figures).
 """
 
@@ -369,8 +370,14 @@ def sec_apply(runs: int, log) -> dict:
 
     rows = [["one call of 1.7 M ranges (walker order)", cell(lambda r: r["bulk_walker_order"]["mranges_per_s"])],
             ["same, shuffled", cell(lambda r: r["bulk_shuffled"]["mranges_per_s"])]]
-    for b in ("4096", "512", "32"):
-        rows.append([f"frames of {b} ranges", cell(lambda r, b=b: r["batched_walker_order"][b]["mranges_per_s"])])
+    for b in ("4096", "512"):
+        rows.append([f"frames of {b} ranges, one apply call each", cell(lambda r, b=b: r["batched_walker_order"][b]["mranges_per_s"])])
+    rows.append(["frames of 32 ranges, staged as the host session does (applied together)",
+                 cell(lambda r: r["frames32_staged"]["mranges_per_s"])])
+    rows.append(["frames of 32 ranges, one apply call each", cell(lambda r: r["frames32_one_call_each"]["mranges_per_s"])])
+    if all(r["c_yardstick"].get("built") for r in res):
+        rows.append(["yardstick: a C loop, a memset per block (same data, same run)",
+                     cell(lambda r: r["c_yardstick"]["mranges_per_s"])])
     rows.append(["baseline: a Python loop per range", cell(lambda r: r["baseline_python_loop"]["mranges_per_s"])])
     return {"runs": [clean_json(r) for r in res],
             "markdown": table(["host apply into a 2^24-page skip bitmap", "M ranges/s, median of runs (min-max)"], rows),
