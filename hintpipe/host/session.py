@@ -107,8 +107,13 @@ class HostSession:
                 if self._idle is not None:
                     self._idle.heard(trio.current_time())
                 return ev
+            if self.state is not None and self.state.staged_blocks:
+                # every frame received so far is handled: their hints go into the skip bitmap now
+                # (applied together; staged longer, more of them would be refused for pages the
+                # guest writes meanwhile)
+                self.state.flush()
             if self.conn.unacked:
-                # every frame received so far is handled: one Ack returns all their credits
+                # ... and one Ack returns all their credits
                 await self._send(self.conn.ack(self.conn.unacked))
             data = await self.endpoint.receive()
             if not data:
