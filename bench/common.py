@@ -188,6 +188,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The summary rows as a markdown table (what ``--readme`` puts into the README)."""
+    def rng(r: dict) -> str:
+        if r["median"] is None:
+            return "-"
+        spread = "" if r["min"] == r["max"] else f" ({_fmt(r['min'])}-{_fmt(r['max'])})"
+        return f"{_fmt(r['median'])}{spread} {r['unit']}".rstrip()
+
+    lines = ["| benchmark | case | median (min-max) | baseline in the same run | goal |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        cells = [r["bench"], r["case"], rng(r), r["baseline"] or "", r["goal"] or ""]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def clean_json(obj: Any) -> Any:
     """Make numpy scalars/arrays and tuples JSON-ready; drop timeit's ``last`` payloads."""
     import numpy as np

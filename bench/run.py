@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from common import format_table, machine_info, row, write_json  # noqa: E402
+from common import format_table, machine_info, markdown_table, row, write_json  # noqa: E402
 
 ORDER = ("apply", "codec", "walker", "e2e", "replay", "load", "scale", "migration", "wp")
 
@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(ORDER)}")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--readme", metavar="FILE",
+                    help="rewrite FILE's <!-- figures:bench --> block with this run's table (e.g. README.md)")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     if only and (bad := [o for o in only if o not in ORDER]):
@@ -217,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.exit(2, f"bench: {e}\n")
     from hintpipe.progress import open_progress
 
+    from figures import loadavg
+
+    la0 = loadavg()
     with open_progress(not args.quiet and sys.stderr.isatty()) as progress:
         res = run_all(args.quick, only, progress=progress)
     print(format_table(res["table"]))
@@ -228,10 +233,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"errors in: {', '.join(res['errors'])} (details in the JSON)")
     if args.json:
         write_json(args.json, res)
+    if args.readme:
+        _write_readme(Path(args.readme), res, la0, argv if argv is not None else sys.argv[1:])
     if args.plot:
         for f in plot(res, args.plot):
             print(f"plot: {f}")
     return 1 if res["errors"] else 0
+
+
+def _write_readme(path: Path, res: dict, la0: str, argv: list[str]) -> None:
+    """Put the run's table, with when, where and how it was measured, into ``path``'s
+    ``<!-- figures:bench -->`` block (:func:`figures.update_readme`)."""
+    import datetime
+
+    from figures import loadavg, machine_line, update_readme
+
+    cmd = "python bench/run.py " + " ".join(argv)
+    text = (markdown_table(res["table"]) + f"\n\nMeasured {datetime.date.today().isoformat()} on "
+            f"{machine_line(res['machine'])}; load average {la0} before, {loadavg()} after; each figure the "
+            f"median of several runs after a warm-up, with min and max; {res['total_s']:.0f} s in all. "
+            f"Regenerate: `{cmd.strip()}`.")
+    done = update_readme(path, {"bench": {"text": text}})
+    print(f"{path.name}: {'rewrote the bench table' if done else 'has no <!-- figures:bench --> block'}")
 
 
 def _f(x) -> str:
