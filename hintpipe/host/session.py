@@ -59,6 +59,10 @@ class HostSession:
         self.fault_handler: Callable[[np.ndarray], Awaitable[None]] | None = None
         """For guests whose write faults cross the link: called with a Fault's pfns, which must be
         marked written before it returns; the session then answers FaultDone."""
+        self.on_hints: Callable[[Hints], Awaitable[None]] | None = None
+        """Called with each applied Hints frame before it is acked (reclaim: in isolate mode the
+        guest keeps the frame's blocks off its free lists until the ack, so a discard made here
+        cannot race a write)."""
 
     async def _send(self, frame: bytes) -> None:
         """Send one frame; a guest that leaves it unread for ``send_timeout_s`` is dropped.
@@ -122,6 +126,8 @@ class HostSession:
     async def _handle(self, ev) -> None:
         if isinstance(ev, Hints):
             self.state.apply_blocks(ev.ranges[:, 0], ev.orders)
+            if self.on_hints is not None:
+                await self.on_hints(ev)
             await self._ack()
         elif isinstance(ev, StaleHints):
             await self._ack()

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from hintpipe.linux.backing import advise_mapping, memfd_flags
 from hintpipe.units import PAGE_SIZE
 
 __all__ = ["GuestRam", "page_pattern", "verify_words", "write_pages_nogil", "sealed_memfd",
@@ -66,25 +67,34 @@ class GuestRam:
 
     ``GuestRam(n)`` creates a new memfd; ``GuestRam(n, fd=fd)`` maps an existing
     one (e.g. received from the other process; the fd is dup'ed, the caller keeps
-    its own).  Attributes: ``fd``, ``addr`` (virtual address of this mapping, for
+    its own).  ``backing`` (a new memfd): ``shmem``, ``hugetlb`` (2 MiB pages from the
+    hugetlb pool; ``page_count`` a multiple of 512) or ``thp`` (see
+    :mod:`hintpipe.linux.backing`).  Attributes: ``fd``, ``addr`` (virtual address of this mapping, for
     UFFDIO_REGISTER / PAGEMAP_SCAN in *this* process), ``pages`` (uint8 view
     (page_count, 4096)) and ``words`` (uint64 view (page_count, 512)).
     """
 
-    def __init__(self, page_count: int, *, fd: int | None = None, name: str = "hintpipe-guest-ram"):
+    def __init__(self, page_count: int, *, fd: int | None = None, name: str = "hintpipe-guest-ram",
+                 backing: str = "shmem"):
         if page_count <= 0:
             raise ValueError("page_count must be positive")
         self.page_count = page_count
         self.size = page_count * PAGE_SIZE
+        self.backing = backing
         if fd is None:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, self.size)
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC | memfd_flags(backing))
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                os.close(self.fd)
+                raise
         else:
             if os.fstat(fd).st_size < self.size:
                 raise ValueError(f"memfd is smaller than {page_count} pages")
             self.fd = os.dup(fd)
         self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
                                mmap.PROT_READ | mmap.PROT_WRITE)
+        advise_mapping(self._mmap, backing)
         anchor = ctypes.c_char.from_buffer(self._mmap)
         self.addr = ctypes.addressof(anchor)
         del anchor  # release the buffer export at once so close() can unmap

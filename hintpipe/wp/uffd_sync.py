@@ -69,9 +69,11 @@ class UffdSyncTracker(UffdRange):
     """
 
     def __init__(self, ram_addr: int, page_count: int, uffd_fd: int,
-                 on_fault: Callable[[np.ndarray], None], *, start: bool = True):
+                 on_fault: Callable[[np.ndarray], None], *, start: bool = True, unit_pages: int = 1):
         super().__init__(ram_addr, page_count, uffd_fd)
         self.on_fault = on_fault
+        # pages per backing page (512 on hugetlb, where WP can only be cleared per 2 MiB)
+        self.unit_pages = unit_pages
         self.unprotect_calls = 0
         self.foreign_faults = 0   # faults outside [ram_addr, end): released, not reported
         self.error: BaseException | None = None           # handler-side OS error (thread stops)
@@ -176,7 +178,11 @@ class UffdSyncTracker(UffdRange):
 
     def _release(self, pfns: list[int], foreign: list[int]) -> None:
         """Clear WP (and wake) page by page; contiguous runs share one ioctl."""
-        if len(pfns) > _SMALL_BATCH:
+        if self.unit_pages > 1:  # whole backing pages: a part of one is EINVAL
+            u = self.unit_pages
+            starts, counts = page_runs(np.array(pfns, dtype=np.int64) // u)
+            runs = zip((starts * u).tolist(), (counts * u).tolist())
+        elif len(pfns) > _SMALL_BATCH:
             starts, counts = page_runs(np.array(pfns, dtype=np.int64))
             runs = zip(starts.tolist(), counts.tolist())
         else:
@@ -252,11 +258,12 @@ class SyncUffdBackend(WpBackend):
 
     name = "uffd"
 
-    def __init__(self, state: HostPageState, ram_addr: int, page_count: int, uffd_fd: int) -> None:
+    def __init__(self, state: HostPageState, ram_addr: int, page_count: int, uffd_fd: int, *,
+                 unit_pages: int = 1) -> None:
         super().__init__(state)
         if page_count != state.page_count:
             raise ValueError("guest RAM and page state disagree on the page count")
-        self.tracker = UffdSyncTracker(ram_addr, page_count, uffd_fd, state.on_written)
+        self.tracker = UffdSyncTracker(ram_addr, page_count, uffd_fd, state.on_written, unit_pages=unit_pages)
 
     def _check(self) -> None:
         t = self.tracker
