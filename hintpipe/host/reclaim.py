@@ -221,12 +221,7 @@ class Reclaimer:
 
     def _discard(self, starts: np.ndarray, orders: np.ndarray) -> int:
         f, st, u, sh = self.figures, self.state, self.unit, self.state.unit_shift
-        sizes = order_pages(orders)
-        lo = (starts + u - 1) >> sh  # whole backing pages inside each block
-        hi = (starts + sizes) >> sh
-        n = np.maximum(hi - lo, 0)
-        units = np.unique(run_pages(lo, n)) if len(n) else np.empty(0, dtype=np.int64)
-        too_small = int(sizes.sum() - n.sum() * u)
+        units, too_small = self._whole_units(starts, orders)
         f.hints_too_small += too_small
         f.pages_hinted += too_small
         punched = 0
@@ -253,6 +248,26 @@ class Reclaimer:
         f.discard_batches += 1
         self._note_rss()
         return punched
+
+    def _whole_units(self, starts: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, int]:
+        """The backing pages these blocks cover wholly (sorted, unique) and how many hinted pages
+        lie outside them. Blocks are naturally aligned: one at least a backing page big covers
+        whole backing pages; smaller ones lie inside one, which is whole when the batch's small
+        blocks add up to all of its pages."""
+        u, sh = self.unit, self.state.unit_shift
+        sizes = order_pages(orders)
+        big = sizes >= u
+        parts = [run_pages(starts[big] >> sh, sizes[big] >> sh)] if big.any() else []
+        too_small = 0
+        if not big.all():
+            pages = np.unique(run_pages(starts[~big], sizes[~big]))  # re-hints may repeat a block
+            per_unit = np.bincount(pages >> sh)
+            whole = np.flatnonzero(per_unit == u)
+            parts.append(whole)
+            too_small = len(pages) - len(whole) * u
+        if not parts:
+            return np.empty(0, dtype=np.int64), 0
+        return np.unique(np.concatenate(parts)), too_small
 
     def _unwritten(self, units: np.ndarray) -> np.ndarray:
         """Per backing page: every guest page hinted and not written since (``skip`` all set)."""
