@@ -252,3 +252,48 @@ def test_punch_runs_frees_shmem_at_once():
         assert punch_runs(m.guest.fd, np.array([0, 32]), np.array([16, 8])) == 2
         assert resident_bytes(m.guest.fd) == before - 24 * PAGE_SIZE
         assert os.pread(m.guest.fd, PAGE_SIZE, 0) == bytes(PAGE_SIZE)
+
+
+# ------------------------------------------------------------------ paired processes
+
+def test_paired_host_reclaims_a_racing_guest_byte_exact(tmp_path):
+    """``hintpipe host --reclaim`` discards each frame before acking it while a guest process runs
+    the race workload with sync uffd; the host's oracle checks guest RAM against the versions the
+    guest publishes, so a destroyed write would fail the run."""
+    _need("uffd")
+    import json
+    import subprocess
+    import sys
+    import time
+
+    addr = f"unix:{tmp_path}/hp.sock"
+    env = dict(os.environ, HINTPIPE_RUNTIME_DIR=str(tmp_path))
+    host = subprocess.Popen([sys.executable, "-m", "hintpipe", "host", "--listen", addr, "--json", "--memory", "real",
+                             "--wp", "uffd", "--reclaim", "--bandwidth", "1", "--guests", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(f"{tmp_path}/hp.sock"):
+            assert host.poll() is None and time.monotonic() < deadline, host.stderr.read()
+            time.sleep(0.05)
+        guest = subprocess.run([sys.executable, "-m", "hintpipe", "guest", "--connect", addr, "--size", "32M",
+                                "--memory", "real", "--wp", "uffd", "--workload", "race", "--min-order", "4",
+                                "--seed", "2"], capture_output=True, text=True, env=env, timeout=120)
+        out, err = host.communicate(timeout=120)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+    [rep] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert guest.returncode == 0 and host.returncode == 0, (guest.stderr, err)
+    assert rep["status"] == "migrated" and rep["migration"]["lost_pages"] == 0
+    r = rep["reclaim"]
+    assert r["pages_discarded"] > 0 and r["host_rss_min_mib"] < r["host_rss_before_mib"]
+
+
+def test_paired_host_refuses_reclaim_it_cannot_make_safe(capsys, tmp_path):
+    assert main(["host", "--listen", f"unix:{tmp_path}/x.sock", "--memory", "real", "--wp", "uffd-async",
+                 "--reclaim"]) == 2
+    assert "uffd-async" in capsys.readouterr().err
+    assert main(["host", "--listen", f"unix:{tmp_path}/x.sock", "--reclaim"]) == 2
+    assert "--memory real" in capsys.readouterr().err

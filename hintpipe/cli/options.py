@@ -308,7 +308,8 @@ def paired_config(args: argparse.Namespace, *, guest: bool):
         wp = resolve_backend(args.wp, args.memory) if guest or args.wp != "auto" else args.wp
         # --break is the host's alone (the guest has no such option: it cannot turn a guard off)
         broken = frozenset(() if guest else args.break_guards)
-        return replace(run_config_from(args), memory=args.memory, wp=wp, broken=broken)
+        return replace(run_config_from(args), memory=args.memory, wp=wp, broken=broken,
+                       reclaim=not guest and getattr(args, "reclaim", False))
     except UffdUnavailable as e:
         raise UsageError(e.reason) from None
     except ValueError as e:

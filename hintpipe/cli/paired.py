@@ -71,6 +71,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="fail a guest that does not answer a round barrier or pause within S seconds (default 30)")
     add_migration_options(h)
     add_memory_options(h, host=True)
+    h.add_argument("--reclaim", action="store_true",
+                   help="discard each hinted free page from the guest's RAM memfd before acking its hint, "
+                        "so this host's memory use drops (needs --memory real; guests using --wp "
+                        "uffd-async or off are refused; README: Reclaim)")
     add_guest_options(h, hidden=True)
     add_walker_options(h, hidden=True)
     add_link_options(h, hidden=True)
@@ -117,6 +121,11 @@ def cmd_host(args: argparse.Namespace) -> int:
         raise UsageError(f"listening on non-loopback {addr} requires --secret (or $HINTPIPE_SECRET)")
     if args.out:
         check_output_path(args.out, "--out", append=True)
+    if args.reclaim:  # the guest's race mode is its own: refuse what is unsafe in either mode
+        from hintpipe.host.reclaim import reclaim_refusal
+
+        if args.wp in ("uffd-async", "off") or args.memory != "real":
+            raise UsageError(reclaim_refusal(memory=args.memory, wp=args.wp, race_mode="detect"))
     cfg = paired_config(args, guest=False)
     import trio
 

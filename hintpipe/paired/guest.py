@@ -122,11 +122,11 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
         alloc = BuddyAllocator(n)
         region.free[:] = alloc.free_mask
         alloc.free_mask = region.free  # the allocator now keeps its free mask in shared memory
-        if real is not None:  # page bytes in the RAM memfd; versions stay private (the host reads bytes)
-            memory = RealGuestMemory(real.ram)
+        if real is not None:  # page bytes in the RAM memfd; the versions shared too, so the host's
+            memory = RealGuestMemory(real.ram)  # oracle can check guest RAM holds the last writes
         else:
             memory = GuestMemory(n)
-            memory.versions = region.versions
+        memory.versions = region.versions
         zone = ZoneLock(charge_holds=cfg.charge_holds)
         workload = make_workload(cfg.workload, alloc, memory, zone)
         await workload.boot()  # nothing is protected yet: boot writes fault nothing
