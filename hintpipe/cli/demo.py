@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from hintpipe.choices import BACKINGS, MEMORY_KINDS, WP_CHOICES
 from hintpipe.cli.options import (
-    NO_BASELINE_HELP, CommandFailed, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
+    NO_BASELINE_HELP, RECLAIM_HELP, CommandFailed, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
     add_output_options, add_walker_options, command_parser, run_config_from, show_progress,
 )
 
@@ -38,9 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write tracking: auto (default: best that works, uffd-async > uffd > sim; "
                         "always sim with --memory sim), sim (simulated faults), uffd (sync "
                         "userfaultfd), uffd-async (WP_ASYNC + PAGEMAP_SCAN), off (none: loses pages)")
-    m.add_argument("--reclaim", action="store_true",
-                   help="discard hinted free pages from the guest's memfd while it runs, so the host's "
-                        "memory use drops (needs --memory real; README: Reclaim)")
+    m.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
     m.add_argument("--backing", choices=BACKINGS, default="shmem",
                    help="what backs real guest RAM: shmem (4 KiB pages, default), hugetlb (2 MiB pages "
                         "from /proc/sys/vm/nr_hugepages), thp (shmem with transparent huge pages, where "

@@ -25,7 +25,7 @@ from hintpipe.choices import GUARDS, MEMORY_KINDS, RACE_MODES, WORKLOADS, WP_CHO
 
 __all__ = ["UsageError", "CommandFailed", "version_text", "command_parser", "parse_size", "int_in",
            "float_at_least", "add_guest_options", "add_walker_options", "add_link_options",
-           "add_migration_options", "add_output_options", "SEED_HELP", "NO_BASELINE_HELP", "add_memory_options", "warn_other_side",
+           "add_migration_options", "add_output_options", "SEED_HELP", "NO_BASELINE_HELP", "RECLAIM_HELP", "add_memory_options", "warn_other_side",
            "run_config_from", "paired_config", "address_from", "secret_from", "show_progress", "add_break_option",
            "GUEST_DECIDES", "HOST_DECIDES"]
 
@@ -34,6 +34,9 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 MIN_GUEST_BYTES = 4 << 20
 SEED_HELP = "seed of the guest's random choices (default 1): same seed, same run"
 NO_BASELINE_HELP = "skip the second run, without hinting, that the figures are compared with"
+RECLAIM_HELP = ("discard hinted free pages from the guest's RAM memfd while it runs, so the host's memory "
+                "use drops; needs --memory real, refused with --wp off and with --wp uffd-async unless "
+                "the guest isolates hinted blocks (README: Reclaim)")
 
 
 class UsageError(Exception):

@@ -12,7 +12,7 @@ import json
 import sys
 
 from hintpipe.cli.options import (
-    GUEST_DECIDES, HOST_DECIDES, UsageError, add_break_option, add_guest_options, add_link_options, add_memory_options,
+    GUEST_DECIDES, HOST_DECIDES, RECLAIM_HELP, UsageError, add_break_option, add_guest_options, add_link_options, add_memory_options,
     add_migration_options, add_output_options, add_walker_options, address_from, command_parser,
     float_at_least, int_in, paired_config, secret_from, show_progress, warn_other_side,
 )
@@ -71,10 +71,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="fail a guest that does not answer a round barrier or pause within S seconds (default 30)")
     add_migration_options(h)
     add_memory_options(h, host=True)
-    h.add_argument("--reclaim", action="store_true",
-                   help="discard each hinted free page from the guest's RAM memfd before acking its hint, "
-                        "so this host's memory use drops (needs --memory real; guests using --wp "
-                        "uffd-async or off are refused; README: Reclaim)")
+    h.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
     add_guest_options(h, hidden=True)
     add_walker_options(h, hidden=True)
     add_link_options(h, hidden=True)
