@@ -22,12 +22,12 @@ KEYS = ("host_rss_before_mib", "host_rss_min_mib", "host_rss_after_mib", "pages_
         "discards_refused_written", "hints_too_small", "reclaimed_fraction", "isolate_wait_ms")
 
 
-def _span(values) -> str:
+def _span(values, digits: int = 1) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     lo, hi = min(values), max(values)
-    fmt = (lambda v: f"{v:,.1f}") if isinstance(lo, float) else (lambda v: f"{v:,}")
+    fmt = (lambda v: f"{v:,.{digits}f}") if isinstance(lo, float) else (lambda v: f"{v:,}")
     return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
 
 
@@ -63,7 +63,7 @@ def main() -> None:
             rep, rc, wall = _demo([*args, "--seed", str(seed)])
             got.append((rep, wall))
         rs = [r["reclaim"] for r, _ in got]
-        col = {k: _span([r[k] for r in rs]) for k in KEYS}
+        col = {k: _span([r[k] for r in rs], 3 if k == "reclaimed_fraction" else 1) for k in KEYS}
         lost = _span([r["migration"]["lost_pages"] for r, _ in got])
         wall = _span([round(w, 1) for _, w in got])
         print(f"| `{' '.join(args)}` | {col['host_rss_before_mib']} / {col['host_rss_min_mib']} / "
