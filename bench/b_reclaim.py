@@ -4,7 +4,9 @@ reclaim, pages discarded and refused, lost pages, per backing and race mode.
 ``python bench/b_reclaim.py [--runs 3] [--size 1G] [--hugetlb]`` runs each ``hintpipe demo``
 command below ``--runs`` times (as a subprocess, exactly as printed, with a different ``--seed``
 each run) and prints min-max of each figure and the load average before and after. ``--hugetlb``
-adds the hugetlb rows, with ``--reserve-huge-pages`` (root: the pool is put back after each run).
+adds the hugetlb rows, with ``--reserve-huge-pages`` (root: the pool is put back after each run);
+``--small-hints`` runs only the plain rows (shmem, and hugetlb with ``--hugetlb``) with hints down
+to 64 KiB (``--min-order 4``), to show what hints smaller than a backing page leave.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", default="1G")
     ap.add_argument("--hugetlb", action="store_true", help="also hugetlb backing (reserves huge pages as root)")
+    ap.add_argument("--small-hints", action="store_true",
+                    help="only the rows with hints down to 64 KiB (--min-order 4), per backing")
     a = ap.parse_args()
     rows = [["--memory", "real", "--wp", "uffd", "--reclaim", "--size", a.size],
             ["--memory", "real", "--wp", "uffd", "--reclaim", "--size", a.size, "--race-mode", "isolate"],
@@ -53,6 +57,8 @@ def main() -> None:
     if a.hugetlb:
         rows += [["--memory", "real", "--wp", "uffd", "--reclaim", "--size", a.size, "--backing", "hugetlb",
                   "--reserve-huge-pages"]]
+    if a.small_hints:
+        rows = [[*r, "--min-order", "4"] for r in (rows[0], *rows[3:])]
     print(f"load average before {os.getloadavg()}; {a.runs} runs each (seeds 1..{a.runs}); min-max")
     print("| hintpipe demo ... --json | host memory before / min / after (MiB) | pages discarded | refused written "
           "| too small | reclaimed fraction | isolate wait (ms) | lost pages | wall s |")
