@@ -297,3 +297,18 @@ def test_paired_host_refuses_reclaim_it_cannot_make_safe(capsys, tmp_path):
     assert "uffd-async" in capsys.readouterr().err
     assert main(["host", "--listen", f"unix:{tmp_path}/x.sock", "--reclaim"]) == 2
     assert "--memory real" in capsys.readouterr().err
+
+
+def test_too_few_huge_pages_says_how_many_to_reserve_and_reserves_nothing(monkeypatch, capsys):
+    import hintpipe.linux.backing as backing
+
+    monkeypatch.setattr(backing, "hugetlb_pool", lambda: {"total": 3, "free": 1, "reserved": 0, "surplus": 0,
+                                                         "available": 1})
+    with open(backing.NR_HUGEPAGES) as f:
+        before = f.read()
+    assert main(["demo", "--memory", "real", "--backing", "hugetlb", "--size", "8M", "--no-baseline"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 4 free 2M huge pages" in err and "echo 6 > /proc/sys/vm/nr_hugepages" in err
+    assert "--reserve-huge-pages" in err and "Traceback" not in err
+    with open(backing.NR_HUGEPAGES) as f:
+        assert f.read() == before
