@@ -256,11 +256,8 @@ def test_punch_runs_frees_shmem_at_once():
 
 # ------------------------------------------------------------------ paired processes
 
-def test_paired_host_reclaims_a_racing_guest_byte_exact(tmp_path):
-    """``hintpipe host --reclaim`` discards each frame before acking it while a guest process runs
-    the race workload with sync uffd; the host's oracle checks guest RAM against the versions the
-    guest publishes, so a destroyed write would fail the run."""
-    _need("uffd")
+def _paired_reclaim(tmp_path, *guest_args: str) -> dict:
+    """One ``hintpipe host --reclaim`` (sync uffd) and one racing guest process; the host's report."""
     import json
     import subprocess
     import sys
@@ -277,8 +274,8 @@ def test_paired_host_reclaims_a_racing_guest_byte_exact(tmp_path):
             assert host.poll() is None and time.monotonic() < deadline, host.stderr.read()
             time.sleep(0.05)
         guest = subprocess.run([sys.executable, "-m", "hintpipe", "guest", "--connect", addr, "--size", "32M",
-                                "--memory", "real", "--wp", "uffd", "--workload", "race", "--min-order", "4",
-                                "--seed", "2"], capture_output=True, text=True, env=env, timeout=120)
+                                "--memory", "real", "--wp", "uffd", "--workload", "race", "--seed", "2",
+                                *guest_args], capture_output=True, text=True, env=env, timeout=120)
         out, err = host.communicate(timeout=120)
     finally:
         if host.poll() is None:
@@ -286,9 +283,27 @@ def test_paired_host_reclaims_a_racing_guest_byte_exact(tmp_path):
             host.wait()
     [rep] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert guest.returncode == 0 and host.returncode == 0, (guest.stderr, err)
+    return rep
+
+
+def test_paired_host_reclaims_a_racing_guest_byte_exact(tmp_path):
+    """``hintpipe host --reclaim`` discards each frame before acking it while a guest process runs
+    the race workload with sync uffd; the host's oracle checks guest RAM against the versions the
+    guest publishes, so a destroyed write would fail the run."""
+    _need("uffd")
+    rep = _paired_reclaim(tmp_path, "--min-order", "4")
     assert rep["status"] == "migrated" and rep["migration"]["lost_pages"] == 0
     r = rep["reclaim"]
     assert r["pages_discarded"] > 0 and r["host_rss_min_mib"] < r["host_rss_before_mib"]
+
+
+def test_paired_hugetlb_guest_is_reclaimed_in_whole_huge_pages(tmp_path, huge_pages):
+    _need("uffd")
+    rep = _paired_reclaim(tmp_path, "--backing", "hugetlb")
+    assert rep["status"] == "migrated" and rep["migration"]["lost_pages"] == 0
+    assert rep["config"]["backing"] == "hugetlb"
+    r = rep["reclaim"]
+    assert r["backing"] == "hugetlb" and r["pages_discarded"] > 0 and r["pages_discarded"] % HUGE == 0
 
 
 def test_paired_host_refuses_reclaim_it_cannot_make_safe(capsys, tmp_path):

@@ -6,9 +6,9 @@ import argparse
 import json
 from dataclasses import replace
 
-from hintpipe.choices import BACKINGS, MEMORY_KINDS, WP_CHOICES
+from hintpipe.choices import MEMORY_KINDS, WP_CHOICES
 from hintpipe.cli.options import (
-    NO_BASELINE_HELP, RECLAIM_HELP, CommandFailed, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
+    NO_BASELINE_HELP, RECLAIM_HELP, CommandFailed, add_backing_options, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
     add_output_options, add_walker_options, command_parser, run_config_from, show_progress,
 )
 
@@ -39,13 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "always sim with --memory sim), sim (simulated faults), uffd (sync "
                         "userfaultfd), uffd-async (WP_ASYNC + PAGEMAP_SCAN), off (none: loses pages)")
     m.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
-    m.add_argument("--backing", choices=BACKINGS, default="shmem",
-                   help="what backs real guest RAM: shmem (4 KiB pages, default), hugetlb (2 MiB pages "
-                        "from /proc/sys/vm/nr_hugepages), thp (shmem with transparent huge pages, where "
-                        "the kernel allows them)")
-    m.add_argument("--reserve-huge-pages", action="store_true",
-                   help="with --backing hugetlb: reserve the huge pages the guest needs for this run "
-                        "(as root) and put nr_hugepages back afterwards")
+    add_backing_options(m)
     add_output_options(d, charts=True)
     d.add_argument("--no-baseline", action="store_true", help=NO_BASELINE_HELP)
     add_break_option(d)

@@ -87,6 +87,13 @@ def cmd_guest(args: argparse.Namespace) -> int:
 
     cfg = paired_config(args, guest=True)
     check_memory(cfg, what="guest")
+    from hintpipe.cli.checks import huge_pages
+
+    with huge_pages(cfg, reserve=args.reserve_huge_pages):
+        return _run_guest(args, cfg)
+
+
+def _run_guest(args: argparse.Namespace, cfg) -> int:
     import trio
 
     from hintpipe.paired.guest import GuestOptions, guest_main

@@ -29,7 +29,7 @@ import numpy as np
 
 from hintpipe.units import PAGE_SHIFT, PAGE_SIZE
 
-__all__ = ["BACKING_PAGE_SIZE", "backing_unit", "memfd_flags", "advise_mapping", "thp_unavailable",
+__all__ = ["BACKING_PAGE_SIZE", "backing_unit", "backing_of", "memfd_flags", "advise_mapping", "thp_unavailable",
            "punch_runs", "resident_bytes", "hugetlb_pool", "huge_pages_needed", "reserve_huge_pages",
            "NR_HUGEPAGES", "THP_SHMEM_ENABLED"]
 
@@ -55,6 +55,12 @@ def backing_unit(backing: str) -> int:
         return BACKING_PAGE_SIZE[backing] >> PAGE_SHIFT
     except KeyError:
         raise ValueError(f"unknown backing {backing!r} (shmem, hugetlb or thp)") from None
+
+
+def backing_of(fd: int) -> str:
+    """The backing of an existing memfd (``hugetlb`` when its block size is a huge page, else
+    ``shmem``: a ``thp`` memfd is shmem, its huge pages are a property of the mappings)."""
+    return "hugetlb" if os.fstat(fd).st_blksize == HUGE_PAGE_SIZE else "shmem"
 
 
 def memfd_flags(backing: str) -> int:

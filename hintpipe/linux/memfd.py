@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from hintpipe.linux.backing import advise_mapping, memfd_flags
+from hintpipe.linux.backing import advise_mapping, backing_of, memfd_flags
 from hintpipe.units import PAGE_SIZE
 
 __all__ = ["GuestRam", "page_pattern", "verify_words", "write_pages_nogil", "sealed_memfd",
@@ -33,13 +33,14 @@ _MIX_P = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_V = np.uint64(0x94D049BB133111EB)
 
 
-def sealed_memfd(size: int, name: str) -> int:
-    """A new memfd of ``size`` bytes sealed against shrinking, growing and further sealing.
+def sealed_memfd(size: int, name: str, *, backing: str = "shmem") -> int:
+    """A new memfd of ``size`` bytes sealed against shrinking, growing and further sealing
+    (``backing``: see :mod:`hintpipe.linux.backing`).
 
     A peer that maps it can rely on its size: a truncation of a mapped memfd would make the
     mapper's next access die with SIGBUS, and the kernel refuses it under F_SEAL_SHRINK.
     """
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | memfd_flags(backing))
     try:
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
@@ -92,6 +93,7 @@ class GuestRam:
             if os.fstat(fd).st_size < self.size:
                 raise ValueError(f"memfd is smaller than {page_count} pages")
             self.fd = os.dup(fd)
+            self.backing = backing_of(fd) if backing == "shmem" else backing
         self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
                                mmap.PROT_READ | mmap.PROT_WRITE)
         advise_mapping(self._mmap, backing)

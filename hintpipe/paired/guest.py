@@ -118,7 +118,7 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
         region = SharedRegion.create(n)
     try:
         if cfg.memory == "real":  # resolves --wp; UffdUnavailable propagates (CLI: exit 2)
-            real = GuestRealRam(n, cfg.wp)
+            real = GuestRealRam(n, cfg.wp, cfg.backing)
         alloc = BuddyAllocator(n)
         region.free[:] = alloc.free_mask
         alloc.free_mask = region.free  # the allocator now keeps its free mask in shared memory

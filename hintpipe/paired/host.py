@@ -30,6 +30,7 @@ from hintpipe.guest.workload import WorkloadStats
 from hintpipe.host.migration import MigrationEngine, drive_migration
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.reclaim import BackedPageState, Reclaimer, reclaim_refusal
+from hintpipe.linux.backing import backing_of, backing_unit
 from hintpipe.linux.memfd import verify_words
 from hintpipe.host.session import GuestGone, HostSession
 from hintpipe.paired.barrier import GuestLeft, GuestStuck, HostControl
@@ -288,8 +289,13 @@ class GuestServer:
                               first_cmd_id=CMD_ID_BASE + ((conn - 1) % 32768) * 65536)
 
         def page_state(pages: int) -> HostPageState:
-            kind = BackedPageState if rx is not None else HostPageState
-            return kind(pages, refuse_written=cfg.guard_on("refuse-written"), invalidate=cfg.guard_on("invalidate"))
+            guards = dict(refuse_written=cfg.guard_on("refuse-written"), invalidate=cfg.guard_on("invalidate"))
+            if rx is None:
+                return HostPageState(pages, **guards)
+            unit = backing_unit(backing_of(rx.memfd))  # a write marks its whole backing page
+            if pages % unit:
+                raise RegionError(f"a hugetlb guest must be a whole number of 2M pages, not {pages} pages")
+            return BackedPageState(pages, unit=unit, **guards)
         regions: list[SharedRegion] = []
 
         def make_state(hello: Hello) -> HostPageState:
@@ -450,7 +456,10 @@ class GuestServer:
                         notifications=_notifications(ep, gstats), workload=asdict(workload),
                         wall_s=time.perf_counter() - t0,
                         reclaim=reclaimer.figures.as_dict() if reclaimer is not None else None)
-        rep = run_report(_report_config(opts.cfg, hello.page_count, _section(gstats, "config")), run, None)
+        cfg = _report_config(opts.cfg, hello.page_count, _section(gstats, "config"))
+        if real is not None:
+            cfg = replace(cfg, backing=real.ram.backing)
+        rep = run_report(cfg, run, None)
         rep["status"] = status
         rep["reason"] = reason
         rep["transport"] = opts.address.kind
