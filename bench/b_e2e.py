@@ -11,6 +11,12 @@ The host times from its "go" byte to the decoded RoundEnd frame. Modes:
   4096 ranges (the protocol's maximum), encoded inside the timed loop;
 * ``walk``: a ``FreeListWalker`` over a fragmented guest (min_order 0, batch 4096) walks a whole
   round inside the timed loop, so the walker's own speed is included;
+* walker over the protocol (``run_walker_pair``, headline ``e2e_walker_unix_mranges_per_s``):
+  the guest child walks at the default batch (32 blocks per lock hold) and sends each batch as a
+  Hints frame through ``GuestConnection`` under the credit window; the host decodes and validates
+  each frame once (``HostConnection``), stages it (``HostPageState.stage_hints``) and returns
+  credits with one ``Ack(count)`` per read; beside it, the same walk in one process with nothing
+  sent (``walker_alone``);
 * ``raw``: baseline, the same bytes as ``batches`` moved over the same transport (sendall of
   64 KiB pieces, recv_into a reused buffer, nothing decoded).
 
@@ -209,7 +215,7 @@ def run_pair(transport: str, mode: str, *, pages: int, n_blocks: int, runs: int,
         buf = bytearray(1 << 20)
         times, last = [], (0, 0, 0)
         for i in range(warmup + runs):
-            state.skip[:] = False
+            state.clear_skip()
             dec = FrameDecoder()
             t0 = time.perf_counter()
             host_sock.sendall(b"G")
@@ -232,6 +238,177 @@ def run_pair(transport: str, mode: str, *, pages: int, n_blocks: int, runs: int,
     if ranges:
         out["mranges_per_s"] = rate(ranges, t)
     return out
+
+
+# ------------------------------------------------------------------ walker over the protocol
+WALK_BATCH = 32  # the walker's default batch (PAGE_REPORTING_CAPACITY)
+WALK_WINDOW = 256  # Hints frames in flight (the producer's default window)
+
+
+def guest_walker_main(spec: dict) -> None:
+    """Child process: a guest speaking wire v1 over a unix socket. Hello; then for every
+    StartRound, walk the free lists ``batch`` blocks per lock hold and send each batch as a Hints
+    frame (waiting for Ack credits when the window is full), then RoundEnd; until Done."""
+    sys.path.insert(0, str(BENCH_DIR))
+    from walker_batch import fragment
+
+    from hintpipe.guest.walker import FreeListWalker
+    from hintpipe.protocol import Ack, Done, GuestConnection, StartRound
+    from hintpipe.units import order_pages
+
+    sock = socket.socket(fileno=spec["fd"])
+    alloc = fragment(spec["pages"])
+    walker = FreeListWalker(alloc, min_order=spec["min_order"], batch=spec["batch"])
+    conn = GuestConnection()
+    sock.sendall(conn.hello(spec["pages"], window=spec["window"]))
+    buf = bytearray(1 << 16)
+    out: list[bytes] = []
+
+    def read_some(block: bool):
+        """Feed what the host sent (blocking for it when ``block``); return its events."""
+        sock.setblocking(block)
+        try:
+            n = sock.recv_into(buf)
+        except BlockingIOError:
+            return []
+        finally:
+            sock.setblocking(True)
+        if n == 0:
+            raise EOFError("host closed")
+        conn.receive_data(bytes(buf[:n]))
+        evs = []
+        while (ev := conn.next_event()) is not None:
+            evs.append(ev)
+        return evs
+
+    def flush():
+        if out:
+            sock.sendall(b"".join(out))
+            out.clear()
+
+    while True:
+        evs = read_some(True)
+        if any(isinstance(e, Done) for e in evs):
+            break
+        start = next((e for e in evs if isinstance(e, StartRound)), None)
+        if start is None:
+            continue
+        walker.start_round()
+        while True:
+            if conn.credits_available <= 0:
+                flush()
+                while conn.credits_available <= 0:
+                    read_some(True)
+            pfns, orders = walker.next_batch()
+            if len(pfns) == 0:
+                if walker.done:
+                    break
+                continue
+            ranges = np.column_stack((pfns.astype(np.uint64), order_pages(orders).astype(np.uint64)))
+            out.append(conn.hints(start.cmd_id, ranges, validate=False))
+            if len(out) >= 64:  # the socket writes are coalesced, as a corked stream would be
+                flush()
+                read_some(False)  # take the acks that arrived meanwhile
+        out.append(conn.round_end(start.cmd_id))
+        flush()
+    sock.close()
+
+
+def run_walker_pair(*, pages: int, runs: int, batch: int = WALK_BATCH, min_order: int = 0,
+                    window: int = WALK_WINDOW, warmup: int = 1) -> dict:
+    """Walker to bitmap across processes over a unix socket, through the protocol on both ends:
+    the guest child walks ``batch`` blocks per hold and sends Hints frames under the window; this
+    process (the host) decodes and validates each frame once (``HostConnection``), stages its
+    ranges (``HostPageState.stage_hints``) and returns credits with one ``Ack(count)`` per read.
+    Timed from StartRound to the RoundEnd with every hint applied."""
+    from hintpipe.host.pagestate import HostPageState
+    from hintpipe.protocol import Hello, Hints, HostConnection, RoundEnd
+
+    host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    spec = {"fd": guest_sock.fileno(), "pages": pages, "batch": batch, "min_order": min_order, "window": window}
+    code = (f"import sys, json; sys.path.insert(0, {str(BENCH_DIR)!r}); import b_e2e; "
+            "b_e2e.guest_walker_main(json.loads(sys.argv[1]))")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], pass_fds=(guest_sock.fileno(),),
+                             env=env, cwd=str(ROOT))
+    guest_sock.close()
+    host_sock.settimeout(300)
+    conn = HostConnection()
+    buf = bytearray(1 << 20)
+    mv = memoryview(buf)
+
+    def events():
+        n = host_sock.recv_into(mv)
+        if n == 0:
+            raise EOFError("guest closed")
+        conn.receive_data(bytes(mv[:n]))
+        while (ev := conn.next_event()) is not None:
+            yield ev
+
+    try:
+        hello = None
+        while hello is None:
+            hello = next((e for e in events() if isinstance(e, Hello)), None)
+        host_sock.sendall(conn.welcome(window=window))
+        state = HostPageState(pages)
+        state.begin_first_round()
+        times, last = [], {}
+        for i in range(warmup + runs):
+            state.clear_skip()
+            ranges = frames = reads = acks = 0
+            t0 = time.perf_counter()
+            host_sock.sendall(conn.start_round())
+            done = False
+            while not done:
+                reads += 1
+                for ev in events():
+                    if type(ev) is Hints:
+                        state.stage_hints(ev.ranges)
+                        ranges += len(ev.ranges)
+                        frames += 1
+                    elif type(ev) is RoundEnd:
+                        done = True
+                if conn.unacked:
+                    host_sock.sendall(conn.ack(conn.unacked))
+                    acks += 1
+            marked = state.flush()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
+            last = {"ranges": ranges, "frames": frames, "reads": reads, "acks": acks,
+                    "pages_marked": state.count_skip()}
+        host_sock.sendall(conn.done(True, {}))
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        host_sock.close()
+    t = {"median_s": float(np.median(times)), "min_s": min(times), "max_s": max(times), "runs": len(times)}
+    return {**t, **last, "batch": batch, "min_order": min_order, "window": window,
+            "frames_per_ack": last["frames"] / max(1, last["acks"]), "mranges_per_s": rate(last["ranges"], t)}
+
+
+def walker_alone(pages: int, *, runs: int, batch: int = WALK_BATCH, min_order: int = 0) -> dict:
+    """Yardstick of :func:`run_walker_pair`: the same guest walked in this process at the same
+    batch, nothing encoded or sent (what the walker alone allows)."""
+    from walker_batch import fragment
+
+    from hintpipe.guest.walker import FreeListWalker
+
+    walker = FreeListWalker(fragment(pages), min_order=min_order, batch=batch)
+    times, n = [], 0
+    for _ in range(runs + 1):
+        walker.start_round()
+        n = 0
+        t0 = time.perf_counter()
+        while not walker.done:
+            n += len(walker.next_batch()[0])
+        times.append(time.perf_counter() - t0)
+    times = times[1:]
+    t = {"median_s": float(np.median(times)), "min_s": min(times), "max_s": max(times), "runs": len(times)}
+    return {**t, "ranges": n, "mranges_per_s": rate(n, t)}
 
 
 # ------------------------------------------------------------------ shm (hintpipe.channel.shm)
@@ -294,7 +471,7 @@ def run_shm(mode: str, *, pages: int, n_blocks: int, runs: int, event_idx: bool 
                 await ep.receive()  # "R": the guest finished its setup
                 last = (0, 0, 0)
                 for i in range(warmup + runs):
-                    state.skip[:] = False
+                    state.clear_skip()
                     dec = FrameDecoder()
                     t0 = time.perf_counter()
                     await ep.send_frame(b"G")
@@ -384,7 +561,7 @@ def inproc_link(n_blocks: int, pages: int, event_idx: bool, queue_size: int = 25
 
     times = []
     for i in range(runs + 1):
-        state.skip[:] = False
+        state.clear_skip()
         dt = trio.run(one)
         if i:
             times.append(dt)
@@ -440,6 +617,24 @@ def run(quick: bool = True, pages: int = 1 << 24, n_blocks: int = 1_700_000) -> 
         if "mranges_per_s" in wk:
             rows.append(row("e2e", f"{tr}: walker(batch 4096) -> bitmap", wk["mranges_per_s"], "M ranges/s",
                             baseline=f"{wk['ranges']} blocks/round, {walk_pages >> 18} GiB guest"))
+    # the walker at its default batch, walked and sent by the guest through the protocol
+    wk_pages = 1 << 20 if quick else 1 << 22
+    try:
+        wp = run_walker_pair(pages=wk_pages, runs=runs)
+        wp["walker_alone"] = walker_alone(wk_pages, runs=runs)
+    except Exception as e:  # reported, not fatal
+        wp = {"error": f"{type(e).__name__}: {e}"}
+    out["walker_unix"] = wp
+    out["e2e_walker_unix_mranges_per_s"] = wp.get("mranges_per_s", {}).get("median")
+    if "mranges_per_s" in wp:
+        alone = wp["walker_alone"]["mranges_per_s"]["median"]
+        rows.append(row("e2e", f"unix: walker(batch {WALK_BATCH}) -> protocol -> bitmap", wp["mranges_per_s"],
+                        "M ranges/s", goal=f">= {GOAL:g}",
+                        baseline=(f"the walker alone, same guest: {alone:.2f} M ranges/s; "
+                                  f"{wp['frames_per_ack']:.0f} frames per Ack")))
+    else:
+        rows.append(row("e2e", f"unix: walker(batch {WALK_BATCH}) -> protocol", None, "",
+                        baseline=wp["error"][:80]))
     shm = {}
     for ev in (True, False):
         key = "event_idx" if ev else "no_event_idx"

@@ -78,6 +78,27 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_bytes(arr) -> int:
+    """Bytes of ``arr``'s memory that are mapped in (``mincore``, whole 4 KiB pages): what the
+    array costs in RSS. Memory only ever read maps the shared zero page and is counted too."""
+    import ctypes
+
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    addr = arr.__array_interface__["data"][0]
+    if arr.nbytes == 0:
+        return 0
+    start = addr & ~(page - 1)
+    length = addr + arr.nbytes - start
+    vec = np.zeros(-(-length // page), dtype=np.uint8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    if libc.mincore(start, length, vec.ctypes.data) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return int(np.count_nonzero(vec & 1)) * page
+
+
 def run_isolated(module: str, func: str, kwargs: dict, timeout: float = 900.0) -> dict:
     """Run ``module.func(**kwargs)`` in a fresh interpreter; return its JSON result.
 

@@ -1,5 +1,5 @@
 """The names a user chooses between: race modes, memory kinds, write-tracking backends, workloads,
-the host guards ``--break`` can turn off.
+replay policies, the host guards ``--break`` can turn off.
 
 Plain tuples with no imports, so the command line can offer them (``--help``, argument checks)
 without loading numpy or trio; the modules that act on a choice import them from here.
@@ -30,3 +30,19 @@ GUARDS = {
 """The host's safety guards, by the name ``--break`` takes, and what each does. Turning one off
 (``RunConfig.broken``) is a demonstration that the loss oracle catches what it protects against,
 never a setting: such a run is never reported verified."""
+POLICY_NAMES = ("hintpipe", "page-reporting", "balloon-hint", "none")
+"""Hinting policies ``hintpipe replay --policy`` compares (hintpipe/trace/policies.py), in the
+order ``--policy all`` runs and reports them."""
+
+
+def policy_names(requested: list[str] | tuple[str, ...]) -> list[str]:
+    """Expand ``all`` and drop repeats (``all`` in the order of :data:`POLICY_NAMES`);
+    ValueError with the choices for an unknown name."""
+    out: list[str] = []
+    for name in requested:
+        for n in POLICY_NAMES if name == "all" else (name,):
+            if n not in POLICY_NAMES:
+                raise ValueError(f"unknown policy {n!r}: choose from {', '.join(POLICY_NAMES)} or all")
+            if n not in out:
+                out.append(n)
+    return out

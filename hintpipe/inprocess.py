@@ -17,7 +17,6 @@ from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 import trio
-import trio.testing
 
 from hintpipe.channel.inproc import inproc_pair
 from hintpipe.config import RunConfig
@@ -275,6 +274,8 @@ def run_demo(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> dict:
 def demo_outcome(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> RunOutcome:
     """:func:`run_demo`, keeping both runs (each with its :class:`Timeline`) for the charts;
     ``progress`` shows each run's rounds as they go."""
+    import trio.testing  # here, not at the top: it imports pytest, 0.2 s that ``replay`` does not need
+
     if cfg.reclaim and cfg.wp == "auto" and cfg.race_mode == "detect" and cfg.memory == "real":
         cfg = replace(cfg, wp="uffd")  # auto's first choice, uffd-async, cannot reclaim in detect mode
     cfg = replace(cfg, wp=resolve_backend(cfg.wp, cfg.memory))

@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from hintpipe.host.timeline import Timeline
 
 __all__ = ["HintFigures", "GuardFigures", "RunResult", "RunOutcome", "migration_figures", "run_report",
-           "replay_run_report", "format_summary", "format_replay", "guards_line", "reclaim_line"]
+           "replay_run_report", "format_summary", "format_replay", "format_policy_table", "guards_line",
+           "reclaim_line"]
 
 
 @dataclass
@@ -106,7 +107,7 @@ class RunResult:
     timeline: "Timeline | None" = None
     """The run's figures over time, when it was sampled (the charts of ``--report``)."""
     lock_samples_us: "dict[str, np.ndarray]" = field(default_factory=dict)
-    """Recent zone lock samples in microseconds: ``hold`` (walker batches), ``alloc_wait``."""
+    """Recent zone lock samples in microseconds: ``hold`` (walker holds, empty ones included), ``alloc_wait``."""
     reclaim: dict | None = None
     """What reclaim did (:class:`~hintpipe.host.reclaim.ReclaimFigures`), None without ``--reclaim``."""
 
@@ -127,10 +128,14 @@ def migration_figures(run: MigrationResult, baseline: MigrationResult | None) ->
     """``migration.*`` of a report: the hinted run's figures and its baseline's next to them."""
     mig = run.as_dict()
     mig["pages_sent_baseline"] = baseline.pages_sent if baseline else None
+    mig["zero_pages_sent_baseline"] = baseline.zero_pages_sent if baseline else None
+    mig["bytes_sent_baseline"] = baseline.bytes_sent if baseline else None
     mig["time_s_baseline"] = round(baseline.time_s, 4) if baseline else None
     mig["lost_pages_baseline"] = baseline.lost_pages if baseline else None
     if baseline and baseline.pages_sent:
         mig["pages_saved_pct"] = round(100 * (1 - run.pages_sent / baseline.pages_sent), 2)
+    if baseline and baseline.bytes_sent:
+        mig["bytes_saved_pct"] = round(100 * (1 - run.bytes_sent / baseline.bytes_sent), 2)
     return mig
 
 
@@ -152,6 +157,7 @@ def run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None) -> di
             "wp": run.wp.get("backend", cfg.wp),
             "memory": cfg.memory,
             "seed": cfg.workload.seed,
+            "history": cfg.workload.history,
         },
         "migration": migration_figures(run.migration, baseline.migration if baseline else None),
         "hints": asdict(run.hints),
@@ -161,6 +167,8 @@ def run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None) -> di
         "lock": {"max_hold_us": lock["max_hold_us"], "max_alloc_wait_us": lock["max_alloc_wait_us"], **lock},
         "notifications": run.notifications,
         "workload": run.workload,
+        # the baseline runs the same seeded workload, but its rounds last longer, so it writes more
+        "workload_baseline": baseline.workload if baseline else None,
         "wall_s": round(run.wall_s + (baseline.wall_s if baseline else 0.0), 3),
     }
     if run.reclaim is not None or cfg.backing != "shmem":
@@ -199,11 +207,16 @@ def format_summary(rep: dict) -> str:
     """Human-readable summary of a migration report (the same figures as --json)."""
     c, m, h, lk = rep["config"], rep["migration"], rep["hints"], rep["lock"]
     base = m.get("pages_sent_baseline")
+    bbase = m.get("bytes_sent_baseline")
+    hist = f", history {c['history']}" if c.get("history") is not None else ""
     lines = [
-        f"guest {c['gib']} GiB ({c['pages']} pages), workload {c['workload']}, "
+        f"guest {c['gib']} GiB ({c['pages']} pages), workload {c['workload']}{hist}, "
         f"link {c['bandwidth_gbit']} Gbit/s, race mode {c['race_mode']}, batch {c['batch']}, min order {c['min_order']}, "
         f"memory {c.get('memory', 'sim')}, write tracking {c.get('wp', 'sim')}",
-        f"pages sent        {m['pages_sent']:>12,}" + (f"   (baseline without hinting {base:,}, saved {m.get('pages_saved_pct', 0)}%)" if base else ""),
+        f"bytes sent        {_gib(m['bytes_sent']):>12}"
+        + (f"   (baseline without hinting {_gib(bbase)}, saved {m.get('bytes_saved_pct', 0)}%)" if bbase else ""),
+        f"pages sent        {m['pages_sent']:>12,}   {m['zero_pages_sent']:,} of them zero (header only)"
+        + (f"; baseline {base:,}, {m['zero_pages_sent_baseline']:,} zero, pages saved {m.get('pages_saved_pct', 0)}%" if base else ""),
         f"pages skipped     {m['pages_skipped']:>12,}   skip efficiency {m['skip_efficiency']}",
         f"rounds            {m['rounds']:>12}   migration time {m['time_s']:.3f} s"
         + (f" (baseline {m['time_s_baseline']:.3f} s)" if m.get("time_s_baseline") is not None else "")
@@ -217,8 +230,9 @@ def format_summary(rep: dict) -> str:
     if rep.get("reclaim"):
         lines.append(reclaim_line(rep["reclaim"]))
     lines += [
-        f"zone lock         max hold {lk['max_hold_us']} us (per batch p99 {lk['p99_hold_us']} us, "
-        f"walk start {lk.get('max_round_start_hold_us', 0)} us), max allocation wait {lk['max_alloc_wait_us']} us",
+        f"zone lock         max hold {lk['max_hold_us']} us (p99 {lk['p99_hold_us']} us over {lk.get('batches', 0):,} "
+        f"batches and {lk.get('empty_holds', 0):,} empty holds, walk start {lk.get('max_round_start_hold_us', 0)} us), "
+        f"max allocation wait {lk['max_alloc_wait_us']} us",
         f"verification      {m['allocated_pages']:,} allocated pages checked, lost {m['lost_pages']}: "
         + _verdict(m, rep.get("guards", {}).get("broken") or []),
     ]
@@ -232,6 +246,10 @@ def reclaim_line(r: dict) -> str:
             f"{r['host_rss_min_mib']:,.1f} -> {r['host_rss_after_mib']:,.1f} MiB ({r['backing']}); discarded "
             f"{r['pages_discarded']:,} pages{frac}, refused {r['discards_refused_written']:,} written, "
             f"{r['hints_too_small']:,} in hints smaller than a backing page")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.3f} GiB"
 
 
 def guards_line(g: dict) -> str:
@@ -263,8 +281,54 @@ def format_replay(rep: dict) -> str:
         f"final free pages   {f['free_pages']:,} (buddyinfo.end {f['reference_free_pages']}, "
         f"error {f['error_pages']} pages = {f['error_pct']}%)",
     ]
+    if t.get("pages_by_kind"):
+        head.insert(1, "PFNs at the start " + _kinds(t["pages_by_kind"]))
     rep2 = {"config": {"gib": round(t["pages"] * PAGE_SIZE / 2**30, 2), "pages": t["pages"], "workload": "replay",
                        **rep["config"]}, **{k: rep[k] for k in ("migration", "hints", "faults", "lock", "guards") if k in rep}}
     rep2["hints"].setdefault("stale_messages", 0)
     tail = f"replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s; parse {rep['parse_s']} s)"
     return "\n".join(head) + "\n" + format_summary(rep2) + "\n" + tail
+
+
+_POLICY_COLUMNS = (
+    # heading, width, value of a ``policies`` entry
+    ("policy", 14, lambda p: p["name"]),
+    ("sent GiB", 8, lambda p: f"{p['bytes_sent'] / 2**30:.3f}"),
+    ("saved", 7, lambda p: "-" if p["bytes_saved_pct"] is None else f"{p['bytes_saved_pct']:.1f}%"),
+    ("pages sent", 10, lambda p: f"{p['pages_sent']:,}"),
+    ("zero pages", 10, lambda p: f"{p['zero_pages_sent']:,}"),
+    ("lost", 5, lambda p: f"{p['lost_pages'] + p['pages_destroyed']}"),
+    ("time s", 7, lambda p: f"{p['migration_time_s']:.2f}"),
+    ("down ms", 7, lambda p: f"{p['downtime_ms']:.0f}"),
+    ("hint msgs", 9, lambda p: f"{p['hint_messages']:,}"),
+    ("pages hinted", 12, lambda p: f"{p['pages_hinted']:,}"),
+    ("held GiB*s", 10, lambda p: f"{p['page_seconds_held'] * PAGE_SIZE / 2**30:.2f}"),
+    ("alloc fail/stall", 16, lambda p: f"{p['alloc_failures']}/{p['alloc_stalls']}"),
+    ("lock p99/max us", 15, lambda p: f"{p['lock']['p99_hold_us']:.0f}/{p['lock']['max_hold_us']:.0f}"),
+    ("reclaim 4K/2M MiB", 17, lambda p: f"{p['reclaim']['mib_mean_4k']:.0f}/{p['reclaim']['mib_mean_2m']:.0f}"),
+)
+
+
+def _kinds(by_kind: dict) -> str:
+    return ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in by_kind.items())
+
+
+def format_policy_table(rep: dict) -> str:
+    """``hintpipe replay --policy ...``: the trace in three lines, then one row per policy."""
+    t = rep["trace"]
+    kinds = t.get("pages_by_kind") or {}
+    head = [
+        f"trace {t['path']} ({t['kind']}): {t['events']:,} events over {t['span_s']:.3f} s, {t['pages']:,} PFNs: "
+        + _kinds(kinds),
+        f"link {rep['config']['bandwidth_gbit']} Gbit/s; saved = bytes on the link relative to "
+        f"{rep.get('baseline_policy') or 'no baseline'}; lost = pages lost or destroyed; reclaim = mean "
+        "memory the host could reclaim over the replay at 4 KiB / 2 MiB backing",
+    ]
+    cols = _POLICY_COLUMNS
+    rows = [" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w, _) in enumerate(cols))]
+    for p in rep["policies"]:
+        rows.append(" ".join(str(f(p)).rjust(w) if i else str(f(p)).ljust(w) for i, (_, w, f) in enumerate(cols)))
+    verdict = "every policy VERIFIED" if all(p["verified"] for p in rep["policies"]) else "LOSS DETECTED"
+    tail = f"{verdict}; replayed in {rep['elapsed_s']} s wall ({rep['events_per_s']:,} events/s)"
+    return "\n".join(head + rows + [tail])
+

@@ -66,9 +66,22 @@ def block_pages(pfns: ArrayLike, orders: ArrayLike) -> np.ndarray:
     return run_pages(pfns, order_pages(orders))
 
 
+def distinct(pfns: ArrayLike) -> np.ndarray:
+    """``pfns`` as a strictly ascending int64 array: sorted and repeats dropped, unless they are
+    already (one comparison pass). ``np.unique`` is not used: on numpy 2.4 it is tens of times
+    slower than a sort for integer arrays."""
+    p = np.asarray(pfns, dtype=np.int64).ravel()
+    if len(p) > 1 and not (p[1:] > p[:-1]).all():
+        p = np.sort(p)
+        new = p[1:] != p[:-1]
+        if not new.all():
+            p = p[np.concatenate(([True], new))]
+    return p
+
+
 def page_runs(pfns: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Pages -> ``(starts, counts)`` of their maximal runs (sorted; duplicates merged)."""
-    pfns = np.unique(np.asarray(pfns, dtype=np.int64))
+    pfns = distinct(pfns)
     if not len(pfns):
         return pfns, pfns
     brk = np.flatnonzero(np.diff(pfns) != 1) + 1

@@ -96,12 +96,15 @@ def test_demo_json_has_the_documented_keys(capsys):
     assert main(["demo", "--size", "64M", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     for key in ("pages_total", "pages_sent", "pages_sent_baseline", "pages_skipped", "rounds",
-                "lost_pages", "verified"):
+                "lost_pages", "verified", "bytes_sent", "bytes_sent_baseline", "zero_pages_sent",
+                "zero_pages_sent_baseline", "bytes_saved_pct", "sleep_overshoot_s"):
         assert key in rep["migration"]
     for key in ("messages", "ranges", "pages"):
         assert key in rep["hints"]
     assert isinstance(rep["faults"], int)
     assert "max_hold_us" in rep["lock"] and "max_alloc_wait_us" in rep["lock"]
+    assert rep["lock"]["batches"] + rep["lock"]["empty_holds"] > 0
+    assert rep["config"]["history"] == 1.0 and rep["workload_baseline"]["ticks"] > 0
     assert rep["migration"]["pages_total"] == 64 * 256
     assert rep["migration"]["verified"] is True
 

@@ -12,7 +12,10 @@ migration under a clock reaches only by chance, and to shrink a failure to a few
 So this file shows that the page state and the protocol's rules are sufficient under any
 interleaving of these steps; that each guard is *necessary* in a real migration, through
 ``MigrationEngine`` and its oracle, is shown by ``tests/test_guards.py``. The machine with
-invalidation switched off must find a loss, so the check here can fail too.
+invalidation switched off must find a loss, so the check here can fail too. Hints are applied as
+they are delivered or, as the host session does, staged and applied later (when the page state
+is next read, or at the round end), so faults also land between a hint's staging and its
+application.
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ class HintingMachine(RuleBasedStateMachine):
     """One guest and its host, every step an explicit rule."""
 
     invalidate = True
+    staged: bool | None = None  # None: hypothesis picks
 
     @initialize(isolate=st.booleans(), min_order=st.integers(0, 4), batch=st.integers(1, 8),
-                used=st.integers(0, 3))
-    def setup(self, isolate, min_order, batch, used):
+                used=st.integers(0, 3), staged=st.booleans())
+    def setup(self, isolate, min_order, batch, used, staged):
+        if self.staged is None:
+            self.staged = staged
         self.alloc = BuddyAllocator(N)
         self.versions = np.zeros(N, dtype=np.uint32)
         self.state = HostPageState(N, invalidate=self.invalidate)
@@ -69,7 +75,7 @@ class HintingMachine(RuleBasedStateMachine):
 
     # -- guest side ----------------------------------------------------------------------
     def _write(self, pages: np.ndarray) -> None:
-        protected = ~self.state.written[pages]
+        protected = ~self.state.is_written(pages)
         if protected.any():  # the fault is handled before the write lands
             self.state.on_written(pages[protected])
         self.versions[pages] += 1
@@ -118,7 +124,10 @@ class HintingMachine(RuleBasedStateMachine):
         pfns, orders = blocks
         assert isinstance(ev, (Hints, StaleHints))
         if isinstance(ev, Hints):
-            self.state.apply_hints(ev.ranges)
+            if self.staged:
+                self.state.stage_hints(ev.ranges)
+            else:
+                self.state.apply_hints(ev.ranges)
         self.guest.receive_data(self.host.ack(1))
         self.guest.next_event()
         if self.walker.isolate:
@@ -130,7 +139,7 @@ class HintingMachine(RuleBasedStateMachine):
         if a >= N:
             return
         b = min(N, a + CHUNK)
-        go = np.flatnonzero(self.state.dirty[a:b] & ~self.state.skip[a:b]) + a
+        go = np.flatnonzero(self.state.dirty_in(a, b) & ~self.state.skip_in(a, b)) + a
         self.dest[go] = self.versions[go]
         self.cursor = b
 
@@ -179,7 +188,7 @@ class HintingMachine(RuleBasedStateMachine):
         while self.inflight:
             self.deliver_hint()
         self.state.begin_round()
-        go = np.flatnonzero(self.state.dirty & ~self.state.skip)
+        go = np.flatnonzero(self.state.dirty_in() & ~self.state.skip_in())
         self.dest[go] = self.versions[go]
         allocated = np.flatnonzero(~self.alloc.free_mask)
         lost = int(np.count_nonzero(self.dest[allocated] != self.versions[allocated]))
@@ -188,6 +197,11 @@ class HintingMachine(RuleBasedStateMachine):
 
 class BrokenInvalidationMachine(HintingMachine):
     invalidate = False
+
+
+class BrokenInvalidationStagedMachine(HintingMachine):
+    invalidate = False
+    staged = True
 
 
 SETTINGS = settings(max_examples=150, stateful_step_count=60, deadline=None, derandomize=True,
@@ -205,6 +219,12 @@ def test_oracle_catches_loss_without_invalidation():
         run_state_machine_as_test(BrokenInvalidationMachine, settings=no_shrink)
 
 
+def test_oracle_catches_loss_without_invalidation_staged():
+    no_shrink = settings(SETTINGS, phases=[Phase.explicit, Phase.generate])
+    with pytest.raises(AssertionError, match="allocated pages lost"):
+        run_state_machine_as_test(BrokenInvalidationStagedMachine, settings=no_shrink)
+
+
 def test_scripted_loss_without_invalidation():
     """A hint applied, then the page allocated and written: without invalidation it is lost."""
     for invalidate, expect_lost in ((True, 0), (False, 1)):
@@ -214,11 +234,11 @@ def test_scripted_loss_without_invalidation():
         state.begin_first_round()
         state.apply_hints(np.array([[8, 8]], dtype=np.uint64))  # pages 8..15 reported free
         page = np.array([9])
-        state.on_written(page[~state.written[page]])  # guest reuses page 9
+        state.on_written(page[~state.is_written(page)])  # guest reuses page 9
         versions[9] += 1
-        go = np.flatnonzero(state.dirty & ~state.skip)
+        go = np.flatnonzero(state.dirty_in() & ~state.skip_in())
         dest[go] = versions[go]
         state.begin_round()  # stop-and-copy
-        go = np.flatnonzero(state.dirty & ~state.skip)
+        go = np.flatnonzero(state.dirty_in() & ~state.skip_in())
         dest[go] = versions[go]
         assert int(dest[9] != versions[9]) == expect_lost

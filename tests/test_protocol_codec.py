@@ -24,6 +24,8 @@ from hintpipe.protocol import (
     Hello,
     Hints,
     LocalProtocolError,
+    Ping,
+    Pong,
     ProtocolError,
     RoundEnd,
     StartRound,
@@ -69,6 +71,8 @@ SAMPLES = [
     Done(True, {"a": [1, -2, 2.5, None, True, "s", {"b": 2**64 - 1}], "c": -(2**63)}),
     Error(ErrorCode.INTERNAL, "é" * 4096),
     Bye(""),
+    Ping(0),
+    Pong(0xFFFFFFFF),
 ]
 
 
@@ -81,7 +85,7 @@ def test_error_codes_are_fixed():
         "MALFORMED_FRAME": 1, "FRAME_TOO_LARGE": 2, "UNKNOWN_MESSAGE": 3, "BAD_VERSION": 4,
         "BAD_FIELD": 5, "RANGE_OUT_OF_BOUNDS": 6, "RANGE_UNALIGNED": 7, "RANGE_OVERLAP": 8,
         "BATCH_TOO_LARGE": 9, "UNEXPECTED_MESSAGE": 10, "CREDIT_EXCEEDED": 11,
-        "UNKNOWN_COMMAND_ID": 12, "UNSUPPORTED": 13, "INTERNAL": 14,
+        "UNKNOWN_COMMAND_ID": 12, "UNSUPPORTED": 13, "INTERNAL": 14, "TIMEOUT": 15,
     }  # fmt: skip
 
 
@@ -153,7 +157,7 @@ def test_non_canonical_msgpack_is_accepted():
         (struct.pack("<I", 6) + b"\xdd\xff\xff\xff\xff\x07", ErrorCode.MALFORMED_FRAME),  # huge array header
         (struct.pack("<I", 6) + b"\x92\x07\xd4\x01\x00\x00"[:6], ErrorCode.MALFORMED_FRAME),  # ext type
         (raw_frame([0]), ErrorCode.UNKNOWN_MESSAGE),
-        (raw_frame([13, 1]), ErrorCode.UNKNOWN_MESSAGE),
+        (raw_frame([15, 1]), ErrorCode.UNKNOWN_MESSAGE),
         (raw_frame([-1]), ErrorCode.UNKNOWN_MESSAGE),
         (raw_frame([7]), ErrorCode.BAD_FIELD),
         (raw_frame([7, 0]), ErrorCode.BAD_FIELD),

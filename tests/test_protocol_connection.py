@@ -93,8 +93,10 @@ def test_handshake_and_window_negotiation():
     events(h, g.hello(PAGES, window=64, features=0b101))
     with pytest.raises(LocalProtocolError):
         h.welcome(window=65)  # larger than the guest asked for
-    events(g, h.welcome(max_ranges=128, window=16, features=0b110))
-    assert (g.window, g.max_ranges, g.features) == (16, 128, 0b100)  # intersection of features
+    events(g, h.welcome(max_ranges=128, window=16, features=0b111))
+    # the guest's offer and the host's, intersected; bit 2 is no feature of v1, so never in force
+    assert (g.window, g.max_ranges, g.features) == (16, 128, 0b001)
+    assert g.keepalive and h.keepalive
     assert (h.window, h.page_count) == (16, PAGES)
     assert g.credits_available == 16 and not g.can_send_hints  # no round yet
 
@@ -488,3 +490,13 @@ def test_random_valid_sessions_stay_in_sync(ops):
         assert g.in_flight == h.unacked
         assert g.open_rounds == h.open_rounds
         assert g.active_cmd_id == h.current_cmd_id
+
+
+def test_hints_without_an_active_round_is_refused_locally():
+    # found by fuzzing: hints(None, ...) with no round used to raise KeyError
+    g = GuestConnection()
+    g.hello(PAGES, window=4)
+    events(g, encode(Welcome(1, 32, 4, 0)))
+    with pytest.raises(LocalProtocolError) as ei:
+        g.hints(None, [[0, 1]])
+    assert ei.value.code is ErrorCode.UNKNOWN_COMMAND_ID

@@ -17,6 +17,7 @@ import pytest
 
 from hintpipe.protocol import (
     CMD_ID_BASE,
+    FEATURE_KEEPALIVE,
     Ack,
     ConnState,
     Direction,
@@ -30,6 +31,8 @@ from hintpipe.protocol import (
     HostConnection,
     LocalProtocolError,
     MessageType,
+    Ping,
+    Pong,
     ProtocolError,
     Role,
     RoundEnd,
@@ -39,7 +42,7 @@ from hintpipe.protocol import (
     encode,
 )
 from hintpipe.protocol.messages import MESSAGE_CLASSES
-from hintpipe.protocol.states import OPEN_STATES, SENT_BY, TRANSITIONS
+from hintpipe.protocol.states import BOTH_WAYS, OPEN_STATES, SENT_BY, TRANSITIONS
 
 SPEC = Path(__file__).parent.parent / "protocols" / "wire-v1.md"
 TYPE_BY_NAME = {cls.__name__: mtype for mtype, cls in MESSAGE_CLASSES.items()}
@@ -92,7 +95,7 @@ def test_spec_tables_equal_the_transition_table():
 
 def test_table_directions_follow_the_senders():
     for (role, _state, direction, mtype) in TRANSITIONS:
-        if mtype not in CLOSING:
+        if mtype not in BOTH_WAYS:
             assert (direction is Direction.SEND) == (mtype in SENT_BY[role])
 
 
@@ -103,16 +106,18 @@ A = CMD_ID_BASE
 RANGES = np.array([[0, 1]], dtype=np.uint64)
 
 RECEIVED = {  # one well-formed frame of every type, as the peer would send it
-    MessageType.HELLO: encode(Hello(1, 4096, PAGES, 4, 0, "g")),
+    MessageType.HELLO: encode(Hello(1, 4096, PAGES, 4, FEATURE_KEEPALIVE, "g")),
     MessageType.HINTS: encode(Hints(A, RANGES)),
     MessageType.ROUND_END: encode(RoundEnd(A, 0)),
     MessageType.FAULT: encode(Fault(1, np.array([0], dtype=np.uint64))),
-    MessageType.WELCOME: encode(Welcome(1, 32, 4, 0)),
+    MessageType.WELCOME: encode(Welcome(1, 32, 4, FEATURE_KEEPALIVE)),
     MessageType.START_ROUND: encode(StartRound(A)),
     MessageType.STOP_ROUND: encode(StopRound(A)),
     MessageType.ACK: encode(Ack(1)),
     MessageType.FAULT_DONE: encode(FaultDone(1)),
     MessageType.DONE: encode(Done(True, {})),
+    MessageType.PING: encode(Ping(7)),
+    MessageType.PONG: encode(Pong(0)),  # answers the Ping the connection under test sent first
 }
 
 SENDS = {  # the method that sends each type, called with plausible arguments
@@ -126,6 +131,8 @@ SENDS = {  # the method that sends each type, called with plausible arguments
     MessageType.HINTS: lambda c: c.hints(A, RANGES),
     MessageType.ROUND_END: lambda c: c.round_end(A),
     MessageType.FAULT: lambda c: c.fault(1, [0]),
+    MessageType.PING: lambda c: c.ping(),
+    MessageType.PONG: lambda c: c.pong(),  # answers the Ping the connection under test received first
 }
 
 
@@ -137,13 +144,13 @@ def _in_state(role: Role, state: ConnState):
             h.receive_data(RECEIVED[MessageType.HELLO])
             h.next_event()
         if state in (ConnState.READY, ConnState.DONE):
-            h.welcome()
+            h.welcome(features=FEATURE_KEEPALIVE)
         if state is ConnState.DONE:
             h.done(True)
         return h
     g = GuestConnection()
     if state is not ConnState.START:
-        g.hello(PAGES, window=4)
+        g.hello(PAGES, window=4, features=FEATURE_KEEPALIVE)
     for mtype, upto in ((MessageType.WELCOME, (ConnState.READY, ConnState.DONE)), (MessageType.DONE, (ConnState.DONE,))):
         if state in upto:
             g.receive_data(RECEIVED[mtype])
@@ -151,15 +158,29 @@ def _in_state(role: Role, state: ConnState):
     return g
 
 
-CASES = [(role, state, mtype) for role in Role for state in OPEN_STATES[role]
-         for mtype in MessageType if mtype not in CLOSING]
+CASES = [(role, state, mtype, direction) for role in Role for state in OPEN_STATES[role]
+         for mtype in MessageType if mtype not in CLOSING
+         for direction in Direction if mtype in BOTH_WAYS or (direction is Direction.SEND) == (mtype in SENT_BY[role])]
 
 
-@pytest.mark.parametrize("role,state,mtype", CASES, ids=lambda v: getattr(v, "name", v))
-def test_connections_follow_the_table(role, state, mtype):
+def _prepare(conn, mtype: MessageType, direction: Direction) -> None:
+    """Keepalive messages need their other half first where the state allows it: a Pong is sent
+    in answer to a received Ping and received in answer to a sent Ping."""
+    if mtype is not MessageType.PONG or not conn.established:
+        return
+    if direction is Direction.SEND:
+        conn.receive_data(RECEIVED[MessageType.PING])
+        assert isinstance(conn.next_event(), Ping)
+    else:
+        conn.ping()
+
+
+@pytest.mark.parametrize("role,state,mtype,direction", CASES, ids=lambda v: getattr(v, "name", v))
+def test_connections_follow_the_table(role, state, mtype, direction):
     conn = _in_state(role, state)
     assert conn.state is state
-    if mtype in SENT_BY[role]:
+    _prepare(conn, mtype, direction)
+    if direction is Direction.SEND:
         allowed = (role, state, Direction.SEND, mtype) in TRANSITIONS
         try:
             SENDS[mtype](conn)

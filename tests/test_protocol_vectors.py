@@ -48,6 +48,9 @@ def test_hand_checked_bytes():
     # Spelled out from the spec, independent of the generator script.
     assert (VECTORS / "ack.bin").read_bytes() == bytes.fromhex("03000000" "92" "07" "01")
     assert (VECTORS / "start_round.bin").read_bytes() == bytes.fromhex("07000000" "92" "03" "ce80000001")
+    assert (VECTORS / "ping.bin").read_bytes() == bytes.fromhex("03000000" "92" "0d" "00")
+    assert (VECTORS / "pong.bin").read_bytes() == bytes.fromhex("07000000" "92" "0e" "ceffffffff")
+    assert (VECTORS / "welcome_keepalive.bin").read_bytes() == bytes.fromhex("06000000" "95" "02" "01" "20" "40" "01")
     hints = (VECTORS / "hints.bin").read_bytes()
     assert hints[:13] == bytes.fromhex("49000000" "93" "05" "ce80000001" "c440")
     assert hints[13:29] == (0).to_bytes(8, "little") + (512).to_bytes(8, "little")
@@ -79,9 +82,11 @@ def test_valid_vector_one_byte_at_a_time(entry):
 
 def _host_in_round(entry) -> HostConnection:
     host = HostConnection()
-    host.receive_data(encode(Hello(1, 4096, entry["page_count"], entry["window"], 0, "t")))
+    features = entry.get("features", 0)
+    host.receive_data(encode(Hello(1, 4096, entry["page_count"], entry["window"], features, "t")))
     assert isinstance(host.next_event(), Hello)
-    host.welcome(max_ranges=entry["max_ranges"])
+    host.welcome(max_ranges=entry["max_ranges"], features=features)
+    assert host.features == features
     host.start_round(entry["cmd_id"])
     return host
 
@@ -95,7 +100,8 @@ def test_invalid_vector(entry):
         host = _host_in_round(entry)
         host.receive_data(data)
         with pytest.raises(ProtocolError) as ei:
-            host.next_event()
+            for _ in range(8):  # the frames before the bad one are valid events
+                host.next_event()
         assert host.state.name == "ERROR"
     else:
         dec = FrameDecoder()

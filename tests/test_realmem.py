@@ -82,7 +82,7 @@ def test_oracle_counts_byte_differences_in_chunks(monkeypatch):
     """The engine's verify on (n, 512) pages: one flipped byte is one lost page."""
     import hintpipe.host.migration as mig
 
-    monkeypatch.setattr(mig, "VERIFY_CHUNK_PAGES", 7)  # force several chunks
+    monkeypatch.setattr(mig, "VERIFY_CHUNK_BYTES", 7 * 4096)  # force several chunks (7 pages each)
     with RealMachine(TINY, "off") as m:
         write_pages_nogil(m.guest, np.arange(TINY), 1)
         state = HostPageState(TINY)
@@ -102,15 +102,15 @@ def test_oracle_counts_byte_differences_in_chunks(monkeypatch):
 @pytest.mark.parametrize("rig", BACKENDS, indirect=True)
 async def test_write_to_protected_page_is_seen(rig):
     machine, state, backend, memory = rig
-    state.skip[40:48] = True                      # hinted free earlier
+    state.apply_hints(np.array([[40, 8]]))        # hinted free earlier
     await memory.write(np.array([42]))            # reuse: allocation = write
     await backend.before_chunk(0, TINY)           # async: the scan; others: nothing to do
-    assert state.written[42] and not state.skip[42]
-    assert state.skip[40] and not state.written[40]
+    assert state.is_written([42])[0] and not state.is_skip([42])[0]
+    assert state.is_skip([40])[0] and not state.is_written([40])[0]
     assert verify_words(machine.host.words, [42], [1])[0]   # the write landed
     assert backend.stats()["faults"] >= 1
     backend.start_round(1)
-    assert state.dirty[42] and int(np.count_nonzero(state.dirty)) == 1   # sent next round
+    assert state.dirty_in(42, 43)[0] and state.count_dirty() == 1   # sent next round
 
 
 @pytest.mark.parametrize("rig", ["uffd-async"], indirect=True)
@@ -118,7 +118,7 @@ async def test_async_arming_pass_is_not_counted(rig):
     machine, state, backend, memory = rig
     assert backend.stats()["faults"] == 0
     await backend.before_chunk(0, TINY)
-    assert not state.written.any()
+    assert state.count_written() == 0
 
 
 # ------------------------------------------------------------------ late hints vs async scans
@@ -129,8 +129,8 @@ async def test_async_write_scan_then_late_hint_is_refused(rig):
     await memory.write(np.array([130]))              # the guest reuses a page it had reported
     await backend.before_chunk(128, 136)             # the scan sees the write
     marked = state.apply_hints(np.array([[128, 8]]))  # a hint from a walk before the write lands
-    assert not state.skip[130]                        # refused: written this round
-    assert state.skip[128] and marked == 7
+    assert not state.is_skip([130])[0]                # refused: written this round
+    assert state.is_skip([128])[0] and marked == 7
     assert state.pages_refused_written == 1
 
 
@@ -139,11 +139,11 @@ async def test_async_write_late_hint_then_scan_invalidates(rig):
     machine, state, backend, memory = rig
     await memory.write(np.array([130]))
     state.apply_hints(np.array([[128, 8]]))          # the window: the host has not scanned yet
-    assert state.skip[130]
+    assert state.is_skip([130])[0]
     await backend.before_chunk(128, 136)             # the scan before this chunk is sent
-    assert not state.skip[130] and state.written[130]
+    assert not state.is_skip([130])[0] and state.is_written([130])[0]
     backend.start_round(1)
-    assert state.dirty[130]
+    assert state.dirty_in(130, 131)[0]
 
 
 @pytest.mark.parametrize("rig", ["uffd-async"], indirect=True)
@@ -154,7 +154,7 @@ async def test_async_write_after_chunk_scan_is_caught_at_round_start(rig):
     await memory.write(np.array([300]))
     state.apply_hints(np.array([[296, 8]]))
     backend.start_round(1)
-    assert state.dirty[300] and not state.skip[300]
+    assert state.dirty_in(300, 301)[0] and not state.is_skip([300])[0]
 
 
 # ------------------------------------------------------------------ whole migrations

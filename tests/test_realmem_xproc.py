@@ -99,17 +99,17 @@ def paired(request):
 async def test_host_adapter_sees_guest_writes_across_processes(paired):
     be, state, host_ram, write = paired
     be.start_round(0)
-    state.skip[8:16] = True
+    state.apply_hints(np.array([[8, 8]]))
     write([9, 200], 1)
     await be.before_chunk(0, N)
-    assert state.written[[9, 200]].all() and int(np.count_nonzero(state.written)) == 2
-    assert not state.skip[9] and state.skip[8]
+    assert state.is_written([9, 200]).all() and state.count_written() == 2
+    assert not state.is_skip([9])[0] and state.is_skip([8])[0]
     assert verify_words(host_ram.words, [9, 200], [1, 1]).all()
     be.start_round(1)
-    assert state.dirty[[9, 200]].all()
+    assert state.dirty_in()[[9, 200]].all()
     write([200], 2)                        # protected again in the new round
     await be.before_chunk(192, 256)
-    assert state.written[200] and not state.written[9]
+    assert state.is_written([200])[0] and not state.is_written([9])[0]
     assert be.stats()["faults"] == 3
 
 

@@ -206,7 +206,7 @@ def test_hugetlb_a_4k_write_in_a_hinted_huge_page_refuses_its_discard_or_lands_a
             state.apply_blocks(np.array([HUGE, 2 * HUGE], dtype=np.uint64), np.array([9, 9], dtype=np.uint8))
             data = page_pattern(np.array([HUGE + 7]), np.array([5]))
             _store(m.guest.page_addr(HUGE + 7), data).join(5)
-            assert state.written[HUGE:2 * HUGE].all() and not state.skip[HUGE:2 * HUGE].any()
+            assert state.written_in(HUGE, 2 * HUGE).all() and not state.skip_in(HUGE, 2 * HUGE).any()
             before = resident_bytes(m.guest.fd)
             assert rec.discard_blocks(np.array([HUGE, 2 * HUGE]), np.array([9, 9])) == HUGE
             assert rec.figures.discards_refused_written == HUGE and rec.figures.pages_discarded == HUGE
@@ -219,7 +219,7 @@ def test_hugetlb_a_4k_write_in_a_hinted_huge_page_refuses_its_discard_or_lands_a
             got = os.pread(m.guest.fd, 2 << 20, 2 * HUGE * PAGE_SIZE)
             page = np.frombuffer(got, dtype=np.uint64).reshape(HUGE, -1)
             assert (page[3] == data2[0]).all() and not page[4:].any() and not page[:3].any()
-            assert state.written[2 * HUGE:3 * HUGE].all() and not state.discarded[2]
+            assert state.written_in(2 * HUGE, 3 * HUGE).all() and not state.discarded[2]
             # a hint of part of a huge page is counted too small and punches nothing
             assert rec.discard_blocks(np.array([3 * HUGE]), np.array([3])) == 0
             assert rec.figures.hints_too_small == 8

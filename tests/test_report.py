@@ -76,11 +76,19 @@ def test_demo_progress_comes_from_the_engines_rounds_and_chunks():
 
 def test_replay_progress_follows_the_trace_position():
     rec = Recorder()
-    out = replay_outcome(open_trace(SLICE), RunConfig.for_replay(migration=MigrationConfig(bandwidth_gbit=100.0), baseline=False),
-                         progress=rec)
+    # in this process (jobs=1), a run's progress is its trace position and rounds (a link slow
+    # enough for the whole trace to play during the migration)
+    out = replay_outcome(open_trace(SLICE), RunConfig.for_replay(migration=MigrationConfig(bandwidth_gbit=1.0), baseline=False),
+                         progress=rec, jobs=1)
     reading, events = rec.tasks[0], next(t for t in rec.tasks if t.descriptions[0] == "with hinting: trace events")
     assert reading.updates[-1] == out.report["trace"]["events"] == events.total
     assert events.updates == sorted(events.updates) and events.updates[-1] == events.total and events.closed
+    # in worker processes, the jobs done
+    rec = Recorder()
+    replay_outcome(open_trace(SLICE), RunConfig.for_replay(migration=MigrationConfig(bandwidth_gbit=100.0)),
+                   progress=rec, jobs=2)
+    jobs = next(t for t in rec.tasks if t.descriptions[0].startswith("replaying hintpipe, none in 2 processes"))
+    assert jobs.updates == list(range(1, jobs.total + 1)) and jobs.closed
 
 
 def test_timeline_samples_the_run_and_agrees_with_its_figures():
@@ -95,7 +103,7 @@ def test_timeline_samples_the_run_and_agrees_with_its_figures():
         assert np.all(np.diff(s["t_s"]) >= 0) and np.all(np.diff(s["sent_pages"]) >= 0)
         assert s["t_s"][-1] == pytest.approx(m.time_s)
         assert s["free_pages"].max() <= CFG.pages
-        assert all(r["bytes_sent"] is None for r in tl.rounds)  # until the engine reports bytes
+        assert sum(r["bytes_sent"] for r in tl.rounds) == m.bytes_sent  # the engine reports bytes
     hinted = out.run.timeline.series()["hinted_pages"]
     assert hinted.max() > 0 and out.baseline.timeline.series()["hinted_pages"].max() == 0
 

@@ -132,22 +132,30 @@ def test_many_concurrent_writers_all_seen(setup):
 
 
 def test_small_and_numpy_decoders_agree():
-    """Both message decoders give the same pfns / foreign pages (the numpy one serves big batches)."""
+    """Both message decoders (struct for small reads, numpy for large ones) give the same pfns and
+    foreign pages; non-WP faults and other events are ignored."""
+    import ctypes
+
+    from hintpipe.wp.uffd_sync import _Mapping
+
     base, n = 0x7F00_0000_0000, 64
-    tr = UffdSyncTracker(base, n, -1, lambda p: None, start=False)
-    msgs = np.zeros(40, dtype=u.UFFD_MSG_DTYPE)
+    tr = UffdSyncTracker(base, n, -1, lambda p: None, start=False, switch_interval=None)
     rng = np.random.default_rng(3)
-    msgs["event"] = u.UFFD_EVENT_PAGEFAULT
-    msgs["flags"] = u.UFFD_PAGEFAULT_FLAG_WP | u.UFFD_PAGEFAULT_FLAG_WRITE
-    msgs["address"] = base + rng.integers(0, n, 40) * 4096 + rng.integers(0, 4096, 40)
-    msgs["address"][5] = base + n * 4096 + 17          # outside guest RAM
-    msgs["flags"][6] = u.UFFD_PAGEFAULT_FLAG_WRITE     # not a WP fault: ignored
-    msgs["event"][7] = 0x13                            # not a page fault: ignored
-    data = msgs.tobytes()
-    small, numpy_ = tr._decode_small(data), tr._decode_numpy(data)
-    assert small == numpy_
-    pfns, foreign = small
-    assert len(pfns) == 37 and foreign == [base + n * 4096]
+    for count in (20, 200):  # below and above the numpy threshold
+        msgs = np.zeros(count, dtype=u.UFFD_MSG_DTYPE)
+        msgs["event"] = u.UFFD_EVENT_PAGEFAULT
+        msgs["flags"] = u.UFFD_PAGEFAULT_FLAG_WP | u.UFFD_PAGEFAULT_FLAG_WRITE
+        msgs["address"] = base + rng.integers(0, n, count) * 4096 + rng.integers(0, 4096, count)
+        msgs["address"][5] = base + n * 4096 + 17          # outside guest RAM
+        msgs["flags"][6] = u.UFFD_PAGEFAULT_FLAG_WRITE     # not a WP fault: ignored
+        msgs["event"][7] = 0x13                            # not a page fault: ignored
+        m = _Mapping(-1, base)
+        ctypes.memmove(m.buf, msgs.tobytes(), msgs.nbytes)
+        tr._decode(m, msgs.nbytes)
+        keep = np.ones(count, bool)
+        keep[[5, 6, 7]] = False
+        assert m.pfns == ((msgs["address"][keep] - base) >> 12).astype(np.int64).tolist()
+        assert m.foreign == [base + n * 4096]
     tr.close(unprotect=False)  # never started: just frees the wakeup pipe
 
 

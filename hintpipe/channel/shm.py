@@ -29,7 +29,7 @@ import socket
 import stat
 import struct
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import trio
 
@@ -309,8 +309,13 @@ async def _refuse(control: trio.socket.SocketType, fds: list[int], why: str) -> 
 
 
 @asynccontextmanager
-async def open_shm_host(control: trio.socket.SocketType, *, timeout_s: float = 10.0) -> AsyncIterator[ShmEndpoint]:
-    """Host: receive and validate the guest's setup, map its ring, answer OK."""
+async def open_shm_host(control: trio.socket.SocketType, *, timeout_s: float = 10.0,
+                        admit: Callable[[int], None] | None = None) -> AsyncIterator[ShmEndpoint]:
+    """Host: receive and validate the guest's setup, map its ring, answer OK.
+
+    ``admit(nbytes)`` is called with the size of the ring memfd the guest asks the host to map,
+    before anything is mapped; it refuses the guest by raising :class:`ShmSetupError`.
+    """
     try:
         with trio.fail_after(timeout_s):
             data, anc, flags, _ = await control.recvmsg(SETUP.size, socket.CMSG_SPACE(4 * (NFDS + 2)))
@@ -339,6 +344,11 @@ async def open_shm_host(control: trio.socket.SocketType, *, timeout_s: float = 1
     except OSError:
         seals, st = 0, None
     lay = ring_layout(size, slot)
+    if admit is not None:
+        try:
+            admit(lay["total"])
+        except ShmSetupError as e:
+            await _refuse(control, fds, str(e))
     if st is None or not stat.S_ISREG(st.st_mode) or not seals & fcntl.F_SEAL_SHRINK or st.st_size < lay["total"]:
         await _refuse(control, fds, "ring must be a memfd sealed with F_SEAL_SHRINK and large enough")
     with mmap.mmap(ring_fd, HEADER_SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as hdr:

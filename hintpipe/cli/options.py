@@ -2,11 +2,11 @@
 
 Options mean the same in every command that takes them. Who decides an option given to both
 paired processes: the guest decides its own size, workload, walker and link (``--size``,
-``--workload``, ``--seed``, ``--ops-per-s``, ``--writes-per-s``, ``--batch``, ``--min-order``,
-``--race-mode``, ``--queue-size``, ``--no-event-idx``, ``--memory``, ``--wp``); the host decides the
-migration (``--bandwidth``, ``--max-rounds``, ``--downtime-ms``). Either process still accepts the
-other side's options, so one list of options can be given to both, but says once that it ignores
-them.
+``--workload``, ``--seed``, ``--ops-per-s``, ``--writes-per-s``, ``--history``, ``--batch``,
+``--min-order``, ``--race-mode``, ``--queue-size``, ``--no-event-idx``, ``--memory``, ``--wp``); the
+host decides the migration (``--bandwidth``, ``--max-rounds``, ``--downtime-ms``). Either process
+still accepts the other side's options, so one list of options can be given to both, but says once
+that it ignores them.
 
 Nothing here imports numpy or trio at module level: building the parser stays fast.
 """
@@ -140,6 +140,13 @@ def _max_order() -> int:
     return MAX_ORDER
 
 
+def _fraction(text: str) -> float:
+    value = float_at_least(0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in 0..1, got {text}")
+    return value
+
+
 def _power_of_two(text: str) -> int:
     value = int_in(1, 1 << 15)(text)
     if value & (value - 1):
@@ -149,7 +156,7 @@ def _power_of_two(text: str) -> int:
 
 # ---- option groups ---------------------------------------------------------------------------
 
-GUEST_DECIDES = ("size", "workload", "seed", "ops_per_s", "writes_per_s", "batch", "min_order",
+GUEST_DECIDES = ("size", "workload", "seed", "ops_per_s", "writes_per_s", "history", "batch", "min_order",
                  "race_mode", "queue_size", "no_event_idx")
 """Options of the guest (given to ``hintpipe host`` they are ignored: the guest decides them)."""
 HOST_DECIDES = ("bandwidth", "max_rounds", "downtime_ms")
@@ -184,6 +191,9 @@ def add_guest_options(p: argparse.ArgumentParser, *, hidden: bool = False) -> No
         help="churn: allocations + frees per second of guest time (default 10000)")
     add("--writes-per-s", type=float_at_least(0), metavar="N",
         help="page rewrites per second of guest time (default 40000; idle 2000)")
+    add("--history", type=_fraction, metavar="F",
+        help="share of the pages free at migration start that hold old data: 1 (default) a guest "
+             "that has run a while, 0 a freshly booted one (its free pages are zero)")
 
 
 def add_walker_options(p: argparse.ArgumentParser, *, replay: bool = False, hidden: bool = False) -> None:
@@ -284,7 +294,7 @@ def run_config_from(args: argparse.Namespace):
     from hintpipe.config import RunConfig
     from hintpipe.guest.workload import WorkloadConfig
 
-    wkw = _given(args, seed="seed", ops_per_s="ops_per_s", write_pages_per_s="writes_per_s")
+    wkw = _given(args, seed="seed", ops_per_s="ops_per_s", write_pages_per_s="writes_per_s", history="history")
     kw = _given(args, pages="size", batch="batch", min_order="min_order", race_mode="race_mode",
                 queue_size="queue_size")
     if getattr(args, "no_event_idx", False):

@@ -14,12 +14,14 @@ import sys
 from hintpipe.cli.options import (
     GUEST_DECIDES, HOST_DECIDES, RECLAIM_HELP, UsageError, add_break_option, add_guest_options, add_link_options, add_memory_options,
     add_migration_options, add_output_options, add_walker_options, address_from, command_parser,
-    float_at_least, int_in, paired_config, secret_from, show_progress, warn_other_side,
+    float_at_least, int_in, paired_config, parse_size, secret_from, show_progress, warn_other_side,
 )
 
 __all__ = ["add_parsers", "cmd_guest", "cmd_host"]
 
 ADDRESS_HELP = "unix:PATH, tcp:HOST:PORT (tcp:PORT = loopback) or shm:NAME"
+IDLE_HELP = ("give up on the other side when it sends nothing for S seconds (it is pinged after S/4): "
+             "the guest exits 1, the host reports that guest failed (default 30; 0: no bound)")
 SIDES = ("Who decides what: the guest its size, workload, walker, link and memory (--size, "
          "--workload,\n--batch, --min-order, --race-mode, --queue-size, --memory, --wp ...); the "
          "host the migration\n(--bandwidth, --max-rounds, --downtime-ms). Either process accepts "
@@ -41,6 +43,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--secret", default=None, help="shared secret for tcp hosts that require it ($HINTPIPE_SECRET)")
     g.add_argument("--connect-timeout", type=float_at_least(0, strict=True), default=10.0, metavar="S",
                    help="give up if the host does not answer within S seconds (default 10)")
+    g.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S", help=IDLE_HELP)
     add_guest_options(g)
     add_walker_options(g)
     add_link_options(g)
@@ -67,8 +70,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="refuse a guest that has not said Hello within S seconds (default 10)")
     h.add_argument("--max-guest-pages", type=int_in(1), default=1 << 26, metavar="N",
                    help="refuse guests larger than N pages (default 2^26 = 256 GiB): a Hello is untrusted")
+    h.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="memory all guests together may cost this host, e.g. 8G (default: half of "
+                        "MemAvailable at start); a guest that does not fit is refused with the figures")
     h.add_argument("--guest-timeout", type=float_at_least(0, strict=True), default=30.0, metavar="S",
                    help="fail a guest that does not answer a round barrier or pause within S seconds (default 30)")
+    h.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S", help=IDLE_HELP)
     add_migration_options(h)
     add_memory_options(h, host=True)
     h.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
@@ -100,7 +107,7 @@ def _run_guest(args: argparse.Namespace, cfg) -> int:
     from hintpipe.wp import UffdUnavailable
 
     opts = GuestOptions(address=address_from(args.connect), cfg=cfg, name=args.name, secret=secret_from(args),
-                        connect_timeout_s=args.connect_timeout)
+                        connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout or None)
     try:
         out = trio.run(guest_main, opts)
     except UffdUnavailable as e:  # registering the guest's RAM failed: say what, never fall back
@@ -135,11 +142,14 @@ def cmd_host(args: argparse.Namespace) -> int:
 
     from hintpipe.channel.stream import ListenError
     from hintpipe.paired.host import HostOptions, host_main
+    from hintpipe.units import PAGE_SIZE
     from hintpipe.progress import open_progress
 
     opts = HostOptions(address=addr, cfg=cfg, guests=args.guests, json=args.json,
                        out=args.out, secret=secret, handshake_timeout_s=args.handshake_timeout,
-                       barrier_timeout_s=args.guest_timeout, max_guest_pages=args.max_guest_pages)
+                       barrier_timeout_s=args.guest_timeout, max_guest_pages=args.max_guest_pages,
+                       idle_timeout_s=args.idle_timeout or None,
+                       max_memory=None if args.max_memory is None else args.max_memory * PAGE_SIZE)
     try:
         with open_progress(show_progress(args)) as progress:
             return trio.run(host_main, opts, progress)

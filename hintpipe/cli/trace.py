@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 
+from hintpipe.choices import POLICY_NAMES, policy_names
 from hintpipe.cli.options import (
     NO_BASELINE_HELP, SEED_HELP, UsageError, add_link_options, add_migration_options, add_output_options, add_walker_options,
     command_parser, float_at_least, int_in, migration_config_from, show_progress,
@@ -30,10 +31,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         sub, "replay", help="replay a real allocator trace through hinting and a migration",
         description="The recorded kernel is the guest: its free pages at the start come from the "
                     "kpageflags snapshot,\nevery recorded allocation and free happens at its trace "
-                    "time on a virtual clock while the\nproducer hints and the host migrates; the "
-                    "same trace is then migrated without hinting as the\nbaseline. Exit status 0 "
-                    "when every allocated page arrived intact.",
+                    "time on a virtual clock while a hinting\npolicy tells the host about free memory "
+                    "and the host migrates; the same trace is also migrated\nwithout hints (the none "
+                    "policy) as the baseline. Policies run in parallel processes. Exit status 0\n"
+                    "when every page holding guest data arrived intact under every policy.",
         example="  hintpipe replay examples/traces/numpy-churn --report replay.html\n"
+                "  hintpipe replay mytrace.hpt --policy all\n"
                 "  hintpipe replay mytrace.hpt --bandwidth 25 --json")
     r.add_argument("trace", metavar="TRACE", help=TRACE_HELP)
     add_walker_options(r, replay=True)
@@ -43,6 +46,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "are the only writes)")
     w.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     add_link_options(r)
+    w.add_argument("--policy", action="append", choices=(*POLICY_NAMES, "all"), metavar="NAME",
+                   help="hinting policy to replay: hintpipe (default), page-reporting, balloon-hint, none, "
+                        "or all; repeat to compare several (docs/policies.md)")
+    w.add_argument("--jobs", type=int_in(1, 1024), default=None, metavar="N",
+                   help="policies replayed at once, each in a worker process (default: one per usable core)")
     add_migration_options(r)
     add_output_options(r, charts=True)
     r.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
@@ -141,24 +149,30 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         cfg = RunConfig.for_replay(write_rate=args.write_rate, migration=migration_config_from(args),
                                    event_idx=not args.no_event_idx, baseline=not args.no_baseline, **kw)
+        policies = policy_names(args.policy or ["hintpipe"])
     except ValueError as e:  # ReplayUsageError included
         raise UsageError(str(e)) from None
     check_charts(args)
     from hintpipe.progress import open_progress
-    from hintpipe.report import format_replay
+    from hintpipe.report import format_policy_table, format_replay
     from hintpipe.trace import TraceError, open_trace
-    from hintpipe.trace.replay import replay_outcome
+    from hintpipe.trace.replay import replay_outcomes
 
     try:
         trace = open_trace(args.trace, skip_bad=args.skip_bad, cache=not args.no_cache, log=notices(args))
         with open_progress(show_progress(args)) as progress:
-            out = replay_outcome(trace, cfg, progress=progress)
+            outs = replay_outcomes(trace, cfg, policies, jobs=args.jobs, progress=progress)
     except TraceError as e:
         raise trace_error(e, args.skip_bad) from None
-    rep = out.report
-    print(json.dumps(rep) if args.json else format_replay(rep))
-    write_charts(args, [out])
-    return 0 if rep["migration"]["verified"] else 1
+    rep = outs[0].report
+    if args.json:
+        print(json.dumps(rep))
+    elif len(policies) == 1:
+        print(format_replay(rep))
+    else:
+        print(format_policy_table(rep))
+    write_charts(args, outs)
+    return 0 if all(p["verified"] for p in rep["policies"]) else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -343,13 +343,6 @@ class BuddyAllocator:
             return _EMPTY_PFNS.copy(), _EMPTY_ORDERS.copy()
         return np.concatenate(pfn_parts), np.concatenate(ord_parts)
 
-    def listed_blocks(self, order: int) -> np.ndarray:
-        """Heads of every listed free block of ``order`` (all migratetypes), int64, O(blocks)."""
-        parts = [np.fromiter(d, dtype=np.int64, count=len(d)) for d in self._lists[order] if d]
-        if not parts:
-            return np.empty(0, dtype=np.int64)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
     def is_free_head(self, pfns, orders) -> np.ndarray:
         """Vectorised: is each pfn a listed (non-isolated) free head of that order?"""
         pfns = np.asarray(pfns, dtype=np.int64)
@@ -459,6 +452,17 @@ class BuddyAllocator:
     def has_pending_inserts(self) -> bool:
         """The insert log holds entries not yet drained."""
         return bool(self._log)
+
+    def take_insert_log(self) -> dict[int, int]:
+        """Return the log itself ({pfn: order}, oldest first) and start an empty one.
+
+        O(1) whatever the log holds, so a walker can convert it in bounded pieces; the
+        returned dict is the caller's (the allocator never touches it again). Entries may be
+        stale, as with :meth:`drain_insert_log`.
+        """
+        log = self._log
+        self._log = {}
+        return log
 
     def drain_insert_log(self) -> tuple[np.ndarray, np.ndarray]:
         """Return and clear the logged (pfns uint64, orders uint8), oldest first.

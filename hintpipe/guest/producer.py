@@ -5,7 +5,9 @@ let the walker pick at most ``batch`` blocks within its time budget, drop the lo
 blocks as one ``Hints`` frame, yield, repeat, and finish with ``RoundEnd``. A ``StopRound`` cancels
 the walk at its next checkpoint. Credits (``Ack``) bound the frames in flight; in ``isolate`` mode
 the blocks of a frame stay off the free lists until the host acks that frame, as Linux free page
-reporting keeps reported pages isolated while the host handles them.
+reporting keeps reported pages isolated while the host handles them. With an idle bound the
+producer offers KEEPALIVE, pings a silent host and gives up on one silent for the whole bound
+(wire-v1 section 9.1); it also bounds the wait for Welcome by it.
 
 A workload may act at the points of a round through :class:`ProducerHooks` (the ``race``
 workload aims at the windows where hinting can go wrong): when a walk starts, when the walker
@@ -29,19 +31,23 @@ from hintpipe.guest.walker import Walker
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.units import order_pages
 from hintpipe.protocol import (
+    FEATURE_KEEPALIVE,
     MAX_OUTSTANDING_FAULTS,
     Ack,
     Bye,
     Done,
     Error,
+    ErrorCode,
     FaultDone,
     GuestConnection,
     LocalProtocolError,
+    Ping,
     ProtocolError,
     StartRound,
     StopRound,
     Welcome,
 )
+from hintpipe.protocol.liveness import CONFIRM_PASSES, IdleTimer, IdleVerdict
 
 
 SEND_SHIELD_S = 5.0
@@ -99,6 +105,7 @@ class Producer:
         *,
         window: int = 256,
         name: str = "guest",
+        idle_timeout_s: float | None = None,
         hooks: ProducerHooks | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -107,6 +114,8 @@ class Producer:
         self.page_count = page_count
         self.window = window
         self.name = name
+        self.idle_timeout_s = idle_timeout_s
+        """Give up on a host that sends no frame for this long (None: wait as long as it takes)."""
         self.conn = GuestConnection()
         self.stats = ProducerStats()
         self.result: Done | None = None
@@ -123,6 +132,7 @@ class Producer:
         self._fault_waiters: dict[int, trio.Event] = {}
         self._fault_slots = trio.Semaphore(MAX_OUTSTANDING_FAULTS)
         self._gone = False
+        self._silent: str | None = None  # why the idle bound gave up on the host
 
     def figures(self) -> dict:
         """Rounds walked and cancelled, and the Hints frames, ranges and pages sent."""
@@ -136,30 +146,83 @@ class Producer:
 
     async def run(self) -> Done:
         """Say hello, serve rounds until the host sends ``Done``; return it."""
-        await self._send(self.conn.hello(self.page_count, window=self.window, name=self.name))
+        features = FEATURE_KEEPALIVE if self.idle_timeout_s is not None else 0
+        await self._send(self.conn.hello(self.page_count, window=self.window, name=self.name, features=features))
+        idle = IdleTimer(self.idle_timeout_s, trio.current_time()) if self.idle_timeout_s is not None else None
+        failure: MigrationFailed | None = None  # raised after the nursery: callers see it unwrapped
         async with trio.open_nursery() as nursery:
             try:
-                while self.result is None:
-                    data = await self.endpoint.receive()
-                    if not data:
-                        raise MigrationFailed("host closed the connection before the migration finished")
-                    self.conn.receive_data(data)
-                    while (ev := self.conn.next_event()) is not None:
-                        await self._handle(ev, nursery)
-                        if self.result is not None:
-                            break
+                with trio.CancelScope() as receiving:
+                    if idle is not None:
+                        nursery.start_soon(self._watch_idle, idle, receiving, nursery)
+                    while self.result is None:
+                        data = await self.endpoint.receive()
+                        if not data:
+                            raise MigrationFailed("host closed the connection before the migration finished")
+                        self.conn.receive_data(data)
+                        while (ev := self.conn.next_event()) is not None:
+                            if idle is not None:
+                                idle.heard(trio.current_time())
+                            await self._handle(ev, nursery)
+                            if self.result is not None:
+                                break
+                if self._silent is not None:
+                    await self._send_error(ErrorCode.TIMEOUT, self._silent)
+                    raise MigrationFailed(self._silent)
             except ProtocolError as e:
-                await self._send(self.conn.error(e.code, e.message))
-                raise MigrationFailed(f"protocol error from host: {e}") from e
+                await self._send_error(e.code, e.message)
+                failure = MigrationFailed(f"protocol error from host: {e}")
+            except MigrationFailed as e:
+                failure = e
             finally:
                 nursery.cancel_scope.cancel()
                 self._release_all_inflight()
                 self._gone = True
                 for ev in self._fault_waiters.values():
                     ev.set()  # their fault() calls raise MigrationFailed
+        if failure is not None:
+            raise failure
         if not self.result.ok:
             raise MigrationFailed(f"host reports the migration failed: {self.result.summary}")
         return self.result
+
+    async def _watch_idle(self, idle: IdleTimer, receiving: trio.CancelScope, nursery: trio.Nursery) -> None:
+        """Ping a silent host; stop receiving once it was silent for the whole bound."""
+        while True:
+            await trio.sleep_until(idle.next_check)
+            if self.conn.established and not self.conn.keepalive:
+                return  # the host did not agree to KEEPALIVE: wait for it as before (wire-v1 9.1)
+            verdict = idle.check(trio.current_time())
+            if verdict is IdleVerdict.EXPIRED:
+                for _ in range(CONFIRM_PASSES):  # let the reader take what already arrived
+                    await trio.sleep(0)
+                verdict = idle.check(trio.current_time())
+            if verdict is IdleVerdict.PING and self.conn.keepalive and not self.conn.ping_outstanding:
+                nursery.start_soon(self._send_ping)  # a blocked send must not stop the clock
+            elif verdict is IdleVerdict.EXPIRED:
+                what = "answered no Ping" if self.conn.keepalive else "sent no Welcome"
+                self._silent = (f"the host sent nothing for {idle.timeout_s:g} s and {what} (idle timeout): "
+                                f"it is stopped, stuck or unreachable")
+                receiving.cancel()
+                return
+
+    async def _send_error(self, code: ErrorCode, message: str) -> None:
+        """Best effort: a stopped or gone host reads nothing, so this waits at most 1 s."""
+        with trio.move_on_after(1):
+            try:
+                await self._send(self.conn.error(code, message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError, OSError):
+                pass
+
+    async def _send_ping(self) -> None:
+        try:
+            frame = self.conn.ping()
+        except LocalProtocolError:
+            return  # the connection is closing; run() has the reason
+        try:
+            await self._send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # run() sees the connection end
 
     async def _handle(self, ev, nursery: trio.Nursery) -> None:
         if isinstance(ev, StartRound):
@@ -176,6 +239,8 @@ class Producer:
             waiter = self._fault_waiters.pop(ev.seq, None)
             if waiter is not None:
                 waiter.set()
+        elif isinstance(ev, Ping):
+            await self._send(self.conn.pong())
         elif isinstance(ev, Done):
             self.result = ev
         elif isinstance(ev, Error):
@@ -286,8 +351,9 @@ class Producer:
                     await self._credit.wait()
                 # the kernel cannot interrupt a lock holder either: a StopRound lands after the batch
                 with trio.CancelScope(shield=True):
-                    async with self.zone.walker():
+                    async with self.zone.walker() as hold:
                         pfns, orders = self.walker.next_batch()
+                        hold.found = len(pfns)
                 if len(pfns) == 0:
                     if self.walker.done:
                         break
@@ -309,7 +375,9 @@ class Producer:
                     await trio.lowlevel.checkpoint()
                     return
                 ranges = np.column_stack((pfns.astype(np.uint64), order_pages(orders).astype(np.uint64)))
-                frame = self.conn.hints(cmd_id, ranges)
+                # not validated here: the walker returns listed free heads (aligned, in range,
+                # distinct) by construction, and the host validates every frame once
+                frame = self.conn.hints(cmd_id, ranges, validate=False)
                 if hold:  # counted by the connection now, sent by _finish_round later
                     self._held.append((cmd_id, frame, pfns, orders))
                     await trio.sleep(0)

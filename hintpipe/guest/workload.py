@@ -1,7 +1,9 @@
 """Guest workloads: what the vCPUs do to memory while the guest is being migrated.
 
 Every workload boots the same way: ``static_fraction`` of memory is allocated in max-order
-blocks and written once (kernel, page cache, a resident application). ``idle`` then only touches
+blocks and written once (kernel, page cache, a resident application); then ``history`` of the
+pages still free get old data, as in a guest that has run a while (Linux does not zero freed
+pages; ``history`` 0 is a freshly booted guest whose free pages were never written). ``idle`` then only touches
 a few static pages per second. ``churn`` also allocates and frees blocks of a configurable order
 mix around ``churn_fraction`` of memory, writes each block it allocates (an allocation is a
 write), and rewrites random allocated pages. ``race`` is churn plus an adversary that aims at the
@@ -23,12 +25,18 @@ from hintpipe.choices import WORKLOADS
 from hintpipe.guest.buddy import BuddyAllocator, MigrateType
 from hintpipe.guest.memory import GuestMemory
 from hintpipe.guest.zonelock import ZoneLock
-from hintpipe.units import MAX_ORDER, block_pages
+from hintpipe.units import MAX_ORDER, block_pages, distinct
+
+_AGE_CHUNK = 1 << 20  # pages given old data per step at boot
 
 # mostly small allocations, a few huge-page sized ones: about 8 pages written per allocation
 DEFAULT_ORDER_MIX = ((0, 0.6), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.09), (9, 0.01))
 WORKLOAD_KINDS = WORKLOADS + ("replay",)
 """Workload kinds; ``replay`` is driven by a recorded trace (:mod:`hintpipe.trace.replay`)."""
+
+
+BOOT_WRITE_BLOCKS = 1024
+"""Max-order blocks the boot writes per step (4 Mi pages: bounded temporaries)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,11 @@ class WorkloadConfig:
     unmovable_fraction: float = 0.2
     tick_s: float = 0.002
     seed: int = 1
+    history: float = 1.0
+    """Fraction of the pages free when migration starts that hold old data (written and freed
+    before). 1.0: the guest's page cache has cycled through all of its memory since boot, the
+    usual state of a guest that has run a while; 0.0: a freshly booted guest (or one with
+    ``init_on_free=1``), whose free pages are all zero."""
 
     @classmethod
     def idle(cls, **kw) -> "WorkloadConfig":
@@ -73,6 +86,8 @@ class WorkloadConfig:
             raise ValueError("tick must be > 0 and operation and write rates >= 0")
         if not 0 <= self.static_fraction + self.churn_fraction < 1:
             raise ValueError("static_fraction + churn_fraction must be in [0, 1)")
+        if not 0 <= self.history <= 1:
+            raise ValueError(f"history must be in [0, 1], got {self.history}")
         for order, weight in self.order_mix:
             if not 0 <= order <= MAX_ORDER or weight < 0:
                 raise ValueError(f"bad order mix entry {(order, weight)}")
@@ -87,6 +102,8 @@ class WorkloadStats:
     alloc_failures: int = 0
     pages_written: int = 0
     ticks: int = 0
+    history_pages: int = 0
+    """Free pages given old data at boot (see ``WorkloadConfig.history``)."""
     race_blocks_reused_in_flight: int = 0
     """race: reported blocks reallocated and written before their Hints frame went out."""
     race_frames_delayed: int = 0
@@ -137,6 +154,12 @@ class PauseGate:
         self.paused = False
         self.pause_started = trio.Event()
         self._running.set()
+
+    def leave(self) -> None:
+        """A vCPU stops for good (its work is done): ``pause()`` no longer waits for it."""
+        self.vcpus -= 1
+        if self.paused:
+            self._maybe_parked()
 
     def _maybe_parked(self) -> None:
         if self._parked_count >= self.vcpus and not self._sections:  # releases pause()
@@ -197,10 +220,29 @@ class Workload:
         async with self.zone.allocator():
             heads = self.alloc.alloc_bulk(n, MAX_ORDER)
         self._static = np.asarray(heads, dtype=np.int64)
-        if len(self._static):
-            pages = block_pages(self._static, np.full(len(self._static), MAX_ORDER))
+        # a slice of blocks at a time: the pages of all of them as one int64 array (and the
+        # temporaries that expand it) were gigabytes for a 2**30-page guest
+        for i in range(0, len(self._static), BOOT_WRITE_BLOCKS):
+            heads = self._static[i:i + BOOT_WRITE_BLOCKS]
+            pages = block_pages(heads, np.full(len(heads), MAX_ORDER))
             await self.memory.write(pages)
             self.stats.pages_written += len(pages)
+        await self._age()
+
+    async def _age(self) -> None:
+        """Give ``history`` of the free pages old data, chosen page by page with a generator
+        of its own (so the workload's run is the same whatever the history)."""
+        h = self.cfg.history
+        if h <= 0:
+            return
+        rng = np.random.default_rng([self.cfg.seed, 1])
+        n = self.alloc.page_count
+        for a in range(0, n, _AGE_CHUNK):  # bounded temporaries on any guest size
+            pages = np.flatnonzero(self.alloc.free_mask[a:a + _AGE_CHUNK]) + a
+            if h < 1:
+                pages = pages[rng.random(len(pages)) < h]
+            await self.memory.write(pages)
+            self.stats.history_pages += len(pages)
 
     async def run(self) -> None:
         """Run forever (until cancelled), one tick of work per ``tick_s`` of guest time."""
@@ -294,7 +336,7 @@ class Workload:
             order = self._bord[idx].astype(np.int64)
             parts.append(pfn + (rng.integers(1 << 30, size=n_churn) & ((1 << order) - 1)))
         if parts:
-            pages = np.unique(np.concatenate(parts))
+            pages = distinct(np.concatenate(parts))
             await self.memory.write(pages)
             self.stats.pages_written += len(pages)
 

@@ -1,9 +1,16 @@
 """Pre-copy live migration in trio time, with free page hinting, the loss oracle and the driver.
 
 Round 0 sends every page, each later round the pages written during the previous one; pages
-in the skip bitmap are not sent. The link is modelled by sleeping ``bytes * 8 / bandwidth`` per
-chunk of pages, so under trio's MockClock a migration of a 4 GiB guest over 10 Gbit/s takes its
-3.4 s of virtual time in well under a second of wall time. Hinting runs during each live round
+in the skip bitmap are not sent. A page is put on the link as QEMU's RAM stream puts it
+(``migration/ram.c``): a page whose bytes are all zero as its header and one byte
+(``save_zero_page``: :data:`ZERO_PAGE_BYTES`), any other as its header and its 4096 bytes
+(``save_normal_page``: :data:`NORMAL_PAGE_BYTES`), in the hinted run and in the baseline alike;
+the destination of a zero page is set to zeros. The link is modelled by sleeping
+``bytes * 8 / bandwidth`` per chunk of pages, so under trio's MockClock a migration of a 4 GiB
+guest over 10 Gbit/s takes its seconds of virtual time in well under a second of wall time. In
+real time (paired processes) a sleep can end late; the link does not charge its own oversleep
+to the migration (it is counted apart, ``sleep_overshoot_s``), while real work that delays the
+next chunk (reading pages, scanning for writes, waiting for the guest) is charged. Hinting runs during each live round
 under that round's command id and stops before the next round's write tracking starts (as QEMU
 stops hinting before its dirty-bitmap sync). When the rest would fit the downtime target, or at
 the round limit, the guest is paused and the rest is sent (stop-and-copy). The verifier then
@@ -23,13 +30,23 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 import trio
 
+from hintpipe.host.pagebits import PageBits
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.host.session import HostSession
 from hintpipe.progress import MigrationObserver
 from hintpipe.units import PAGE_SIZE
 
 
-VERIFY_CHUNK_PAGES = 4096  # pages compared per step by the oracle (16 MiB of real memory)
+VERIFY_CHUNK_BYTES = 16 << 20  # destination bytes compared per step by the oracle (4096 real pages)
+PAGE_HEADER_BYTES = 8
+"""QEMU's ``save_page_header``: a big-endian u64 of page offset | flags. (The RAMBlock's id
+string follows only when the block changes from the last page sent: hintpipe's guest is one
+block, so it is not counted.)"""
+ZERO_PAGE_BYTES = PAGE_HEADER_BYTES + 1
+"""A page whose bytes are all zero: header + ``qemu_put_byte(f, 0)`` (``save_zero_page``)."""
+NORMAL_PAGE_BYTES = PAGE_HEADER_BYTES + PAGE_SIZE
+"""Any other page: header + its bytes (``save_normal_page``)."""
+
 STATS_CHUNK_PAGES = 1 << 18  # pages per step of whole-guest statistics (bounded temporaries)
 LINK_SLACK_S = 0.001  # link time the sender may run ahead of the clock before it sleeps
 
@@ -58,11 +75,16 @@ class MigrationConfig:
         """Pages sent per link step: small enough that hints arriving mid-round still help."""
         if self.chunk_pages:
             return self.chunk_pages
-        return min(65536, max(256, pages >> 10))
+        return min(65536, max(256, pages >> 10)) & ~255  # whole bytes of the page state's bitmaps
 
     def seconds_for(self, pages: int) -> float:
-        """Link time to move ``pages`` pages."""
-        return pages * PAGE_SIZE * 8 / (self.bandwidth_gbit * 1e9)
+        """Link time to move ``pages`` pages of data (the convergence estimate: like QEMU's, it
+        counts every remaining page at full size)."""
+        return self.seconds_for_bytes(pages * PAGE_SIZE)
+
+    def seconds_for_bytes(self, nbytes: int) -> float:
+        """Link time to move ``nbytes`` bytes."""
+        return nbytes * 8 / (self.bandwidth_gbit * 1e9)
 
 
 @dataclass
@@ -77,6 +99,10 @@ class RoundReport:
     hinted: bool
     stayed_free: int = 0
     stayed_free_skipped: int = 0
+    zero_pages_sent: int = 0
+    """Pages of ``sent`` whose bytes were all zero (sent as a header)."""
+    bytes_sent: int = 0
+    """Bytes put on the link (headers and page data)."""
 
 
 @dataclass
@@ -85,6 +111,11 @@ class MigrationResult:
 
     pages_total: int
     pages_sent: int = 0
+    """Pages put on the link, zero pages included."""
+    zero_pages_sent: int = 0
+    """Pages of ``pages_sent`` whose bytes were all zero, sent as a header only."""
+    bytes_sent: int = 0
+    """Bytes put on the link: ZERO_PAGE_BYTES per zero page, NORMAL_PAGE_BYTES per other page."""
     pages_skipped: int = 0
     rounds: int = 0
     lost_pages: int = 0
@@ -93,6 +124,8 @@ class MigrationResult:
     time_s: float = 0.0
     downtime_ms: float = 0.0
     converged: bool = False
+    sleep_overshoot_s: float = 0.0
+    """Time the sender's sleeps ended late (real time only), not charged to ``time_s``."""
     guest_failure: str | None = None
     round_reports: list[RoundReport] = field(default_factory=list)
 
@@ -109,8 +142,10 @@ class MigrationResult:
         d["skip_efficiency"] = None if eff is None else round(eff, 4)
         d["time_s"] = round(self.time_s, 4)
         d["downtime_ms"] = round(self.downtime_ms, 3)
+        d["sleep_overshoot_s"] = round(self.sleep_overshoot_s, 4)
         d["per_round"] = [
-            {"sent": r.sent, "skipped": r.skipped, "to_send": r.to_send, "duration_s": round(r.duration_s, 4)}
+            {"sent": r.sent, "skipped": r.skipped, "to_send": r.to_send, "duration_s": round(r.duration_s, 4),
+             "zero_pages_sent": r.zero_pages_sent, "bytes_sent": r.bytes_sent}
             for r in self.round_reports
         ]
         return d
@@ -153,12 +188,32 @@ class MigrationEngine:
     broken_guards: frozenset[str] = frozenset()
     source_intact: Callable[[np.ndarray], np.ndarray] | None = None
 
+    @staticmethod
+    def round_nbytes_for(page_count: int) -> int:
+        """Bytes a live round holds per guest for its statistics: the free mask at its start and
+        the pages it skipped, one bit a page each."""
+        return 2 * ((page_count + 7) >> 3)
+
     def __post_init__(self) -> None:
         n = self.state.page_count
         if self.dest is None:
             sample = self.read_source(np.zeros(1, dtype=np.int64))
             self.dest = np.zeros((n,) + sample.shape[1:], dtype=sample.dtype)
         self.result = MigrationResult(pages_total=n)
+        self._overshoot = 0.0  # how late the link's sleeps ended, in total
+
+    def now(self) -> float:
+        """The migration's clock: trio's, less the link's own oversleep (observers time rounds
+        with it)."""
+        return trio.current_time() - self._overshoot
+
+    async def _sleep_link(self, until: float) -> None:
+        """Sleep until ``until`` on the migration's clock; a late wake-up is not charged."""
+        target = until + self._overshoot
+        await trio.sleep_until(target)
+        late = trio.current_time() - target
+        if late > 0:
+            self._overshoot += late
 
     async def _start_round(self, index: int) -> None:
         if self.start_round is not None:
@@ -194,11 +249,12 @@ class MigrationEngine:
         st = self.state
         cfg = self.cfg
         n = st.page_count
-        to_send = st.dirty
-        t0 = trio.current_time()
-        free_start = self.free_mask().copy() if live else None
-        skipped_mask = np.zeros(n, dtype=bool) if live else None
-        sent = skipped = 0
+        t0 = self.now()
+        # one bit a page (the page state's representation): the free mask when the round began
+        # and the pages it skipped, for skip efficiency
+        free_start = PageBits.from_mask(self.free_mask()) if live else None
+        skipped_pages = PageBits(n) if live else None
+        sent = skipped = zero = nbytes = 0
         chunk = cfg.chunk_for(n)
         for o in self.observers:
             o.round_started(self, index, live)
@@ -209,45 +265,63 @@ class MigrationEngine:
             b = min(n, a + chunk)
             if self.before_chunk is not None and live:
                 await self.before_chunk(a, b)
-            want = to_send[a:b]
-            skip = want & st.skip[a:b]
-            go = np.flatnonzero(want & ~st.skip[a:b]) + a
-            nskip = int(np.count_nonzero(skip))
-            if nskip and skipped_mask is not None:
-                skipped_mask[a:b] |= skip
+            go, nskip = st.send_set(a, b, skipped_pages)
             if len(go):
-                self.dest[go] = self.read_source(go)
+                nz = self._copy_pages(go)
                 sent += len(go)
-                link_free_at = max(link_free_at, trio.current_time()) + cfg.seconds_for(len(go))
-            if link_free_at - trio.current_time() > LINK_SLACK_S:
-                await trio.sleep_until(link_free_at)
+                zero += nz
+                cbytes = nz * ZERO_PAGE_BYTES + (len(go) - nz) * NORMAL_PAGE_BYTES
+                nbytes += cbytes
+                link_free_at = max(link_free_at, self.now()) + cfg.seconds_for_bytes(cbytes)
+            if link_free_at - self.now() > LINK_SLACK_S:
+                await self._sleep_link(link_free_at)
             else:
                 await trio.lowlevel.checkpoint()
             skipped += nskip
             for o in self.observers:
                 o.chunk_done(self, index, b, sent, skipped)
-        await trio.sleep_until(link_free_at)  # the round ends when its last page is on the wire
+        await self._sleep_link(link_free_at)  # the round ends when its last page is on the wire
         if self.before_chunk is not None and live:
             await self.before_chunk(0, n)  # round end: every write so far is in ``written``
-        rep = RoundReport(index, int(np.count_nonzero(to_send)), sent, skipped, trio.current_time() - t0, hinted)
+        rep = RoundReport(index, st.count_dirty(), sent, skipped, self.now() - t0, hinted,
+                          zero_pages_sent=zero, bytes_sent=nbytes)
         if live:
             fm = self.free_mask()
             # chunked: four whole-guest temporaries here were the peak of a 2**28-page run
             for a in range(0, n, STATS_CHUNK_PAGES):
-                b = min(n, a + STATS_CHUNK_PAGES)
-                stayed = free_start[a:b] & fm[a:b] & ~st.written[a:b] & to_send[a:b]
-                rep.stayed_free += int(np.count_nonzero(stayed))
-                rep.stayed_free_skipped += int(np.count_nonzero(stayed & skipped_mask[a:b]))
+                stayed, stayed_skipped = st.stayed_free(a, a + STATS_CHUNK_PAGES, free_start, fm[a:a + STATS_CHUNK_PAGES],
+                                                        skipped_pages)
+                rep.stayed_free += stayed
+                rep.stayed_free_skipped += stayed_skipped
         for o in self.observers:
             o.round_ended(self, rep)
         return rep
+
+    def _copy_pages(self, go: np.ndarray) -> int:
+        """Send pages ``go`` to the destination; return how many were zero pages.
+
+        A page whose content is all zero (simulation: content value 0; real memory: every byte
+        0; checked vectorised over the chunk) goes as a header, and the destination sets that
+        page to zeros; every other page's bytes are copied.
+        """
+        data = self.read_source(go)
+        is_zero = ~data.reshape(len(go), -1).any(axis=1)
+        nz = int(np.count_nonzero(is_zero))
+        if nz == 0:
+            self.dest[go] = data
+        elif nz == len(go):
+            self.dest[go] = 0
+        else:
+            self.dest[go[~is_zero]] = data[~is_zero]
+            self.dest[go[is_zero]] = 0
+        return nz
 
     async def run(self) -> MigrationResult:
         """Migrate until converged (or the round limit), stop-and-copy, verify."""
         st = self.state
         cfg = self.cfg
         res = self.result
-        t_start = trio.current_time()
+        t_start = self.now()
         for r in range(cfg.max_rounds):
             await self._start_round(r)
             hinted = await self._hint_start()
@@ -255,19 +329,22 @@ class MigrationEngine:
             if hinted:
                 await self._hint_stop()
             res.round_reports.append(rep)
-            remaining = int(np.count_nonzero(st.written & ~st.skip))
+            remaining = st.count_written_unskipped()
             if cfg.seconds_for(remaining) * 1e3 <= cfg.downtime_ms:
                 res.converged = True
                 break
         await self.pause_guest()
-        t_pause = trio.current_time()
+        t_pause = self.now()
         await self._start_round(len(res.round_reports))
         final = await self._send_round(len(res.round_reports), False, live=False)
         res.round_reports.append(final)
-        res.downtime_ms = (trio.current_time() - t_pause) * 1e3
-        res.time_s = trio.current_time() - t_start
+        res.downtime_ms = (self.now() - t_pause) * 1e3
+        res.time_s = self.now() - t_start
+        res.sleep_overshoot_s = self._overshoot
         res.rounds = len(res.round_reports)
         res.pages_sent = sum(r.sent for r in res.round_reports)
+        res.zero_pages_sent = sum(r.zero_pages_sent for r in res.round_reports)
+        res.bytes_sent = sum(r.bytes_sent for r in res.round_reports)
         res.pages_skipped = sum(r.skipped for r in res.round_reports)
         if self.session is not None:
             res.guest_failure = self.session.failure
@@ -280,7 +357,8 @@ class MigrationEngine:
         """The oracle: count allocated pages whose destination content differs from the source."""
         fm = self.free_mask()
         lost = n_allocated = 0
-        step = VERIFY_CHUNK_PAGES  # chunked: real-memory pages are 4 KiB each, keep memory bounded
+        # chunked: real-memory pages are 4 KiB each, keep memory bounded (a version is 4 bytes)
+        step = max(1, VERIFY_CHUNK_BYTES // (self.dest.nbytes // max(1, len(self.dest))))
         # the allocated pfns are listed per window too: as one int64 array they were 8 bytes
         # per allocated page of a 2**28-page guest
         for a in range(0, len(fm), STATS_CHUNK_PAGES):

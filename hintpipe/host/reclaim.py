@@ -271,10 +271,10 @@ class Reclaimer:
 
     def _unwritten(self, units: np.ndarray) -> np.ndarray:
         """Per backing page: every guest page hinted and not written since (``skip`` all set)."""
-        skip = self.state.skip
         if self.unit == 1:
-            return skip[units]
-        return skip.reshape(-1, self.unit)[units].all(axis=1)
+            return self.state.skip_locked(units)
+        pages = run_pages(units << self.state.unit_shift, np.full(len(units), self.unit))
+        return self.state.skip_locked(pages).reshape(-1, self.unit).all(axis=1)
 
     def _note_rss(self, *, final: bool = False) -> None:
         rss = resident_bytes(self.fd) / _MIB

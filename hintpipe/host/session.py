@@ -1,13 +1,16 @@
 """Host side of one guest connection: handshake, hint consumption, round control.
 
 The session owns the :class:`HostConnection` state machine and the guest's
-:class:`HostPageState`. Its ``serve`` task reads frames, applies hints under the active command
-id to the skip bitmap, acks every hint frame (stale ones too: credits), records round ends and
-answers write faults. The counts of what the guest sent are the connection's
+:class:`HostPageState`. Its ``serve`` task reads frames, stages hints under the active command
+id for the skip bitmap (the page state applies staged hints together, always within their round),
+acks every hint frame (stale ones too: credits) with one ``Ack(count)`` for all the frames handled
+each time its receive buffer runs dry, records round ends and answers write faults. The counts of what the guest sent are the connection's
 (``conn.hints_frames``, ``conn.stale_frames``, ...); what hints did to the bitmap, the page
 state's.
 Anything the guest gets wrong ends in a protocol error sent to the guest, a clean close, and
-``self.failure`` set: never an exception escaping into the host's other guests.
+``self.failure`` set: never an exception escaping into the host's other guests. With an idle bound
+(``idle_timeout_s``) the session offers KEEPALIVE: it pings a silent guest and drops one that
+stays silent for the bound (wire-v1 section 9.1).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import trio
 from hintpipe.channel.endpoint import Endpoint
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.protocol import (
+    FEATURE_KEEPALIVE,
     Bye,
     ErrorCode,
     Error,
@@ -28,10 +32,12 @@ from hintpipe.protocol import (
     HostConnection,
     Hints,
     LocalProtocolError,
+    Ping,
     ProtocolError,
     RoundEnd,
     StaleHints,
 )
+from hintpipe.protocol.liveness import CONFIRM_PASSES, IdleTimer, IdleVerdict
 from hintpipe.protocol.messages import CMD_ID_BASE, MAX_RANGES_PER_BATCH
 
 
@@ -43,9 +49,13 @@ class HostSession:
     """Serve one guest over ``endpoint``."""
 
     def __init__(self, endpoint: Endpoint, *, max_ranges: int = MAX_RANGES_PER_BATCH, window: int | None = None,
-                 first_cmd_id: int = CMD_ID_BASE, send_timeout_s: float = 10.0, drop_stale: bool = True) -> None:
+                 first_cmd_id: int = CMD_ID_BASE, send_timeout_s: float = 10.0,
+                 idle_timeout_s: float | None = None, drop_stale: bool = True) -> None:
         self.endpoint = endpoint
         self.send_timeout_s = send_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        """Drop a guest that sends no frame for this long (None: no bound; needs KEEPALIVE)."""
+        self._idle: IdleTimer | None = None
         self.conn = HostConnection(drop_stale=drop_stale)  # False only to demonstrate the guard
         self.max_ranges = max_ranges
         self.window = window
@@ -82,20 +92,28 @@ class HostSession:
     async def handshake(self, make_state: Callable[[Hello], HostPageState] | None = None) -> Hello:
         """Wait for the guest's ``Hello``, create its page state (``make_state``, which may refuse
         the guest by raising; default: a fresh page state of its size), answer ``Welcome``."""
-        while True:
-            ev = await self._next_event()
-            if isinstance(ev, Hello):
-                break
+        ev = await self._next_event()
+        if isinstance(ev, (Bye, Error)):  # the only other frames allowed first: the guest leaves now
+            what = f"said goodbye ({ev.reason})" if isinstance(ev, Bye) else f"reported error {ev.code} ({ev.message})"
+            raise GuestGone(f"guest {what} before its Hello")
         self.hello = ev
         self.state = make_state(ev) if make_state else HostPageState(ev.page_count)
-        await self._send(self.conn.welcome(max_ranges=self.max_ranges, window=self.window))
+        features = FEATURE_KEEPALIVE if self.idle_timeout_s is not None else 0
+        await self._send(self.conn.welcome(max_ranges=self.max_ranges, window=self.window, features=features))
+        if self.conn.keepalive:
+            self._idle = IdleTimer(self.idle_timeout_s, trio.current_time())
         return ev
 
     async def _next_event(self):
         while True:
             ev = self.conn.next_event()
             if ev is not None:
+                if self._idle is not None:
+                    self._idle.heard(trio.current_time())
                 return ev
+            if self.conn.unacked:
+                # every frame received so far is handled: one Ack returns all their credits
+                await self._send(self.conn.ack(self.conn.unacked))
             data = await self.endpoint.receive()
             if not data:
                 raise GuestGone("guest closed the connection")
@@ -103,6 +121,48 @@ class HostSession:
 
     async def serve(self) -> None:
         """Consume the guest's frames until it leaves or errs; never raises for guest faults."""
+        async with trio.open_nursery() as nursery:
+            if self._idle is not None:
+                nursery.start_soon(self._watch_idle, nursery)
+            await self._serve_frames()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_idle(self, nursery: trio.Nursery) -> None:
+        """Ping a silent guest; close on one silent for the whole idle bound (wire-v1 9.1)."""
+        idle = self._idle
+        while True:
+            await trio.sleep_until(idle.next_check)
+            verdict = idle.check(trio.current_time())
+            if verdict is IdleVerdict.EXPIRED:
+                for _ in range(CONFIRM_PASSES):  # let the reader take what already arrived
+                    await trio.sleep(0)
+                verdict = idle.check(trio.current_time())
+            if verdict is IdleVerdict.PING and not self.conn.ping_outstanding:
+                try:
+                    frame = self.conn.ping()
+                except LocalProtocolError:
+                    return  # closing already: serve() has the reason
+                nursery.start_soon(self._send_quietly, frame)  # a blocked send must not stop the clock
+            elif verdict is IdleVerdict.EXPIRED:
+                self.failure = self.failure or (f"guest sent nothing for {idle.timeout_s:g} s (idle timeout): "
+                                                f"it is stopped, stuck or unreachable")
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(1):  # best effort: a stopped guest reads nothing
+                        try:
+                            await self._send(self.conn.error(ErrorCode.TIMEOUT, self.failure))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+                            pass
+                    with trio.move_on_after(1):
+                        await self.endpoint.aclose()  # serve() sees the close and ends
+                return
+
+    async def _send_quietly(self, frame: bytes) -> None:
+        try:
+            await self._send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # serve() reports the connection's end
+
+    async def _serve_frames(self) -> None:
         try:
             while True:
                 ev = await self._next_event()
@@ -125,12 +185,11 @@ class HostSession:
 
     async def _handle(self, ev) -> None:
         if isinstance(ev, Hints):
-            self.state.apply_blocks(ev.ranges[:, 0], ev.orders)
-            if self.on_hints is not None:
+            self.state.stage_hints(ev.ranges)  # acked once the buffer is drained
+            if self.on_hints is not None:  # e.g. reclaim: done before the frame's ack goes out
                 await self.on_hints(ev)
-            await self._ack()
         elif isinstance(ev, StaleHints):
-            await self._ack()
+            pass  # dropped; acked with the others
         elif isinstance(ev, RoundEnd):
             if ev.cmd_id == self._next_id - 1:  # a late RoundEnd of an earlier round ends nothing now
                 self._round_end.set()
@@ -139,6 +198,8 @@ class HostSession:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "Fault on a connection whose faults are handled locally")
             await self.fault_handler(ev.pfns)
             await self.answer_fault(ev.seq)
+        elif isinstance(ev, Ping):
+            await self._send(self.conn.pong())
         elif isinstance(ev, Bye):
             raise GuestGone(f"guest said goodbye: {ev.reason}")
         elif isinstance(ev, Error):
@@ -147,9 +208,6 @@ class HostSession:
     async def answer_fault(self, seq: int) -> None:
         """Release the guest writer waiting on Fault ``seq`` (FaultDone)."""
         await self._send(self.conn.fault_done(seq))
-
-    async def _ack(self) -> None:
-        await self._send(self.conn.ack(1))
 
     async def start_round(self) -> int:
         """Publish a new command id (never reused) and return it."""
@@ -186,9 +244,10 @@ class HostSession:
         return False
 
     async def finish(self, ok: bool, summary: dict) -> None:
-        """Tell the guest the migration is over (best effort: it may be gone)."""
+        """Tell the guest the migration is over (best effort: it may be gone; a live guest gets
+        the send timeout, so a busy host still delivers the verdict)."""
         try:
-            with trio.move_on_after(1):
+            with trio.move_on_after(self.send_timeout_s):
                 await self._send(self.conn.done(ok, summary))
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass  # gone, or the connection already failed: the host's report has the verdict

@@ -49,6 +49,7 @@ class Timeline(MigrationObserver):
         self._spacing = 1  # doubled each time the table is thinned
         self._chunk = 0
         self._t0: float | None = None
+        self._clock = trio.current_time
         self._wall0 = 0.0
         self._cost = 0.0
         self._sent_before = 0
@@ -57,12 +58,13 @@ class Timeline(MigrationObserver):
         self.rounds: list[dict] = []
         """Per round: ``index``, ``live``, ``t_start_s``, ``t_end_s``, ``sent``, ``skipped``,
         ``to_send``, ``hinted``, ``faults`` (first writes during the round) and ``bytes_sent``
-        (None until the engine reports bytes)."""
+        (bytes on the link, as the engine counts them)."""
 
     # ---- MigrationObserver -----------------------------------------------------------------
     def round_started(self, engine, index, live) -> None:
         if self._t0 is None:
-            self._t0 = trio.current_time()
+            self._clock = engine.now  # the migration's clock: the link's oversleep is not charged
+            self._t0 = self._clock()
             self._wall0 = time.perf_counter()
         n = engine.state.page_count
         chunks = -(-n // engine.cfg.chunk_for(n))
@@ -87,20 +89,19 @@ class Timeline(MigrationObserver):
             "index": report.index, "live": start["live"], "t_start_s": start["t_start_s"], "t_end_s": self._now(),
             "sent": report.sent, "skipped": report.skipped, "to_send": report.to_send, "hinted": report.hinted,
             "faults": engine.state.faults - start["faults"],
-            # the hook for byte accounting: a RoundReport that knows its bytes is charted in bytes
-            "bytes_sent": getattr(report, "bytes_sent", None),
+            "bytes_sent": report.bytes_sent,
         })
         self._sent_before += report.sent
         self._skipped_before += report.skipped
 
     # ---- samples -----------------------------------------------------------------------------
     def _now(self) -> float:
-        return trio.current_time() - (self._t0 or 0.0)
+        return self._clock() - (self._t0 or 0.0)
 
     def _sample(self, engine, index: int, sent: int, skipped: int) -> None:
         t = time.perf_counter()
         free = self.free_pages() if self.free_pages is not None else int(np.count_nonzero(engine.free_mask()))
-        hinted = int(np.count_nonzero(engine.state.skip))
+        hinted = engine.state.count_skip()
         if self._n == self.capacity:  # full: keep every other row, sample chunks half as often
             kept = self._rows[: self._n : 2].copy()
             self._n = len(kept)
@@ -111,6 +112,13 @@ class Timeline(MigrationObserver):
                                self._skipped_before + skipped, engine.state.faults)
         self._n += 1
         self._cost += time.perf_counter() - t
+
+    def __getstate__(self) -> dict:
+        # a finished timeline goes from a replay's worker process to the report: without the
+        # engine's clock (a bound method of the engine), which it no longer needs
+        state = dict(self.__dict__)
+        state["_clock"] = trio.current_time
+        return state
 
     def series(self) -> dict[str, np.ndarray]:
         """The samples as columns (:data:`COLUMNS`), oldest first."""

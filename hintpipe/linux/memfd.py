@@ -177,10 +177,10 @@ def verify_words(words: np.ndarray, pfns: np.ndarray, versions: np.ndarray | int
     return ok
 
 
-def write_pages_nogil(ram: GuestRam, pfns: np.ndarray, versions: np.ndarray,
+def write_pages_nogil(ram: GuestRam, pfns: np.ndarray, versions: np.ndarray | None,
                       scratch: np.ndarray | None = None) -> None:
-    """Write the (pfn, version) pattern of pages ``pfns`` into ``ram``, never holding the GIL
-    while a store into guest memory can fault.
+    """Write the (pfn, version) pattern of pages ``pfns`` into ``ram`` (zeros when ``versions``
+    is None), never holding the GIL while a store into guest memory can fault.
 
     Under synchronous userfaultfd WP in this process, a store to a protected page blocks the
     storing thread in the kernel until the handler thread (Python, so it needs the GIL) lifts the
@@ -194,18 +194,22 @@ def write_pages_nogil(ram: GuestRam, pfns: np.ndarray, versions: np.ndarray,
     pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
     if not len(pfns):
         return
-    versions = np.broadcast_to(np.asarray(versions, dtype=np.uint64), pfns.shape)
     order = np.argsort(pfns, kind="stable")
-    pfns, versions = pfns[order], versions[order]
+    pfns = pfns[order]
+    if versions is not None:
+        versions = np.broadcast_to(np.asarray(versions, dtype=np.uint64), order.shape)[order]
     if pfns[0] < 0 or pfns[-1] >= ram.page_count:
         raise IndexError(f"pfn outside guest RAM of {ram.page_count} pages")
     if scratch is None or len(scratch) < min(len(pfns), CHUNK_PAGES):
         scratch = np.empty((min(len(pfns), CHUNK_PAGES), WORDS_PER_PAGE), dtype=np.uint64)
+    if versions is None:
+        scratch[:min(len(pfns), CHUNK_PAGES)] = 0
     base, src0 = ram.addr, scratch.ctypes.data
     memmove = ctypes.memmove
     for i in range(0, len(pfns), CHUNK_PAGES):
         p = pfns[i:i + CHUNK_PAGES]
-        page_pattern(p, versions[i:i + CHUNK_PAGES], out=scratch[:len(p)])
+        if versions is not None:
+            page_pattern(p, versions[i:i + CHUNK_PAGES], out=scratch[:len(p)])
         brk = np.flatnonzero(np.diff(p) != 1) + 1
         run_lo = np.concatenate(([0], brk))
         run_hi = np.concatenate((brk, [len(p)]))

@@ -54,11 +54,14 @@ class GuestOptions:
     name: str = "guest"
     secret: bytes | None = None
     connect_timeout_s: float = 10.0
+    idle_timeout_s: float | None = 30.0
+    """Leave when the host sends no frame for this long (KEEPALIVE pings it first; None: no bound)."""
 
 
 def guest_config_dict(cfg: RunConfig) -> dict:
     """The part of the guest's configuration the host puts in its report."""
-    return {"workload": cfg.workload.kind, "seed": cfg.workload.seed, "batch": cfg.batch,
+    return {"workload": cfg.workload.kind, "seed": cfg.workload.seed, "history": cfg.workload.history,
+            "batch": cfg.batch,
             "min_order": cfg.min_order, "race_mode": cfg.race_mode, "queue_size": cfg.queue_size,
             "event_idx": cfg.event_idx}
 
@@ -133,12 +136,14 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
         walker = FreeListWalker(alloc, min_order=cfg.min_order, batch=cfg.batch,
                                 time_budget_us=cfg.time_budget_us, isolate=cfg.race_mode == "isolate")
         async with AsyncExitStack() as stack:
+            from hintpipe.channel.shm import ShmSetupError
+
             try:
                 endpoint = await _open_endpoint(stack, opts, region, real)
-            except (OSError, trio.TooSlowError) as e:
+            except (OSError, trio.TooSlowError, ShmSetupError) as e:
                 return GuestOutcome(False, f"cannot connect to {opts.address}: {e or 'timed out'}")
             producer = Producer(endpoint, walker, zone, n, window=cfg.queue_size, name=opts.name,
-                                hooks=producer_hooks(workload))
+                                idle_timeout_s=opts.idle_timeout_s, hooks=producer_hooks(workload))
             # sim: faults over the link (protect bytes); uffd/uffd-async: the kernel faults the
             # store itself; off: nothing tracks writes (the oracle must then find lost pages)
             real_wp = real.backend if real is not None else cfg.wp

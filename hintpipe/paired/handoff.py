@@ -256,7 +256,7 @@ class HostRealMemory:
     No round barrier with a real backend: the barrier exists so that a guest writer's user-space
     "is it protected?" check and its store never straddle the host's page-state swap. With uffd
     the check is the kernel's, atomic with the store. ``uffd``: :meth:`UffdSyncTracker.new_round`
-    swaps the page state and re-protects under the handler's ``round_lock``, and the handler marks
+    swaps the page state and re-protects under the handler's ``lock``, and the handler marks
     a fault before it lifts the protection under the same lock, so every write is recorded in
     exactly one round, before it lands; a write to a page still unprotected from the previous round
     (between swap and re-protect) is to a page already in this round's send set, sent afterwards.

@@ -1,8 +1,11 @@
 """``hintpipe host``: accept guest processes and migrate each one, in real time.
 
 One task per connection, each with its own session, page state, shared-memory mapping and
-migration engine; nothing is shared between guests but the listener, so a slow, stuck or hostile
-guest only stalls its own task (handshakes have a timeout, barriers and pauses too). Per guest
+migration engine; nothing is shared between guests but the listener and the memory budget, so a
+slow, stuck or hostile guest only stalls its own task (handshakes have a timeout, barriers,
+pauses and an idle guest too). Every guest is charged its memory
+(:class:`~hintpipe.paired.budget.GuestCost`) against the host's budget before anything is mapped
+or allocated for it, and everything it held is released when it leaves. Per guest
 the host prints one report (the keys of ``hintpipe demo --json`` plus ``status``, ``reason``,
 ``guest`` and ``transport``).
 """
@@ -25,6 +28,7 @@ from hintpipe.channel.address import Address
 from hintpipe.channel.endpoint import Endpoint
 from hintpipe.channel.records import V1, RecordEndpoint, record
 from hintpipe.channel.stream import AuthError, auth_server, open_listener, open_stream_endpoint, sendall
+from hintpipe.choices import WORKLOADS
 from hintpipe.config import RACE_MODES, RunConfig
 from hintpipe.guest.workload import WorkloadStats
 from hintpipe.host.migration import MigrationEngine, drive_migration
@@ -33,13 +37,15 @@ from hintpipe.host.reclaim import BackedPageState, Reclaimer, reclaim_refusal
 from hintpipe.linux.backing import backing_of, backing_unit
 from hintpipe.linux.memfd import verify_words
 from hintpipe.host.session import GuestGone, HostSession
+from hintpipe.linux.malloc import trim as trim_malloc
 from hintpipe.paired.barrier import GuestLeft, GuestStuck, HostControl
+from hintpipe.paired.budget import BudgetExceeded, GuestCost, MemoryBudget, Reservation, default_limit, mib
 from hintpipe.paired.handoff import (
     TCP_REFUSAL, HostRealMemory, ReceivedRam, RealMemoryError, check_backend, receive_handoff,
 )
 from hintpipe.paired.mirror import MirroredRegion, MirrorReceiver
 from hintpipe.paired.region import RegionError, SharedRegion
-from hintpipe.protocol import ErrorCode, ProtocolError, encode
+from hintpipe.protocol import MAX_PAGE_COUNT, ErrorCode, ProtocolError, encode
 from hintpipe.protocol.messages import CMD_ID_BASE, Error, Hello
 from hintpipe.progress import NO_PROGRESS, Progress, RoundProgress
 from hintpipe.report import GuardFigures, HintFigures, RunResult, format_summary, run_report
@@ -57,12 +63,23 @@ class HostOptions:
     secret: bytes | None = None
     handshake_timeout_s: float = 10.0
     barrier_timeout_s: float = 30.0
+    idle_timeout_s: float | None = 30.0
+    """Fail a guest that sends no frame for this long (KEEPALIVE pings it first; None: no bound)."""
     # the host allocates a few bytes per guest page (and 4 KiB per page with real memory): a
     # Hello is untrusted, so its page_count is capped before anything is mapped or allocated
     max_guest_pages: int = 1 << 26
+    max_memory: int | None = None
+    """Bytes all guests together may cost this host (:mod:`hintpipe.paired.budget`); None: half of
+    MemAvailable at start."""
 
 
-_LOCK_KEYS = ("batches", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
+LINGER_S = 10.0
+"""How long a guest has to read ``Done`` and close. The host keeps reading meanwhile: closing a
+socket with unread input resets the connection and the guest would lose its ``Done`` (seen with 64
+guests on 2 cores, where a guest's last RoundEnd came in after 2 s). A guest that reads Done
+closes at once, so this only bounds a slow or stuck one."""
+
+_LOCK_KEYS = ("batches", "empty_holds", "p50_hold_us", "p99_hold_us", "max_hold_us", "alloc_sections",
               "p99_alloc_wait_us", "max_alloc_wait_us")
 """The guest-reported zone lock figures a host report carries."""
 
@@ -83,8 +100,11 @@ def _report_config(base: RunConfig, pages: int, guest_cfg: dict) -> RunConfig:
     cfg = replace(base, pages=pages)
     try:
         kind = guest_cfg.get("workload")
-        wl = replace(cfg.workload, kind=kind if kind in ("idle", "churn", "race") else cfg.workload.kind,
-                     seed=int(_num(guest_cfg.get("seed")) or cfg.workload.seed))
+        history = guest_cfg.get("history")
+        if not (isinstance(history, (int, float)) and not isinstance(history, bool) and 0 <= history <= 1):
+            history = cfg.workload.history
+        wl = replace(cfg.workload, kind=kind if kind in WORKLOADS else cfg.workload.kind,
+                     seed=int(_num(guest_cfg.get("seed")) or cfg.workload.seed), history=float(history))
         cfg = replace(cfg, workload=wl,
                       batch=int(_num(guest_cfg.get("batch")) or cfg.batch),
                       min_order=int(_num(guest_cfg.get("min_order")) or cfg.min_order),
@@ -128,6 +148,11 @@ class GuestServer:
 
     def __init__(self, opts: HostOptions, progress: Progress = NO_PROGRESS) -> None:
         self.opts = opts
+        if opts.max_memory is None:
+            limit, how = default_limit()
+            self.budget = MemoryBudget(limit, source=f"--max-memory {mib(limit)}, {how}")
+        else:
+            self.budget = MemoryBudget(opts.max_memory, source=f"--max-memory {mib(opts.max_memory)}")
         self.progress = progress
         self.reports: list[dict] = []
         self.served = 0
@@ -190,21 +215,41 @@ class GuestServer:
                     pass
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        while True:
-            sock, _ = await listener.accept()
-            self._conns += 1
-            nursery.start_soon(self._connection, sock, self._conns)
+        # Every trio accept is a checkpoint, so a busy host would take one scheduling pass per
+        # waiting guest (64 guests at once waited minutes in the backlog): after each wake-up the
+        # backlog is drained without waiting, through a non-blocking twin of the listening socket.
+        with socket.socket(fileno=os.dup(listener.fileno())) as twin:
+            twin.setblocking(False)
+            while True:
+                sock, _ = await listener.accept()
+                self._start_connection(sock, nursery)
+                while True:
+                    try:
+                        raw, _ = twin.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    self._start_connection(trio.socket.from_stdlib_socket(raw), nursery)
+
+    def _start_connection(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        self._conns += 1
+        nursery.start_soon(self._connection, sock, self._conns)
 
     async def _connection(self, sock: trio.socket.SocketType, conn: int) -> None:
+        reservation = self.budget.reservation()
         try:
-            await self._connection_inner(sock, conn)
+            await self._connection_inner(sock, conn, _Admission(self.opts, reservation))
         except Exception as e:  # one guest's failure must never take the host (and the others) down
             if os.environ.get("HINTPIPE_DEBUG"):
                 raise
             print(f"hintpipe host: connection {conn}: internal error: {type(e).__name__}: {e}", file=sys.stderr,
                   flush=True)
+        finally:
+            # everything the guest held is unreferenced by now (its session, page state, engine,
+            # mappings); hand the freed heap back to the system, then the budget back to others
+            trim_malloc()
+            reservation.release()
 
-    async def _connection_inner(self, sock: trio.socket.SocketType, conn: int) -> None:
+    async def _connection_inner(self, sock: trio.socket.SocketType, conn: int, admission: "_Admission") -> None:
         kind = self.opts.address.kind
         rx: ReceivedRam | None = None
         try:
@@ -228,8 +273,9 @@ class GuestServer:
                 from hintpipe.channel.shm import ShmSetupError, open_shm_host
 
                 try:
-                    async with open_shm_host(sock, timeout_s=self.opts.handshake_timeout_s) as ep:
-                        await self._serve_guest(ep, conn, ep.take_fds, rx)
+                    async with open_shm_host(sock, timeout_s=self.opts.handshake_timeout_s,
+                                             admit=admission.ring) as ep:
+                        await self._serve_guest(ep, conn, ep.take_fds, admission, rx)
                 except ShmSetupError as e:
                     print(f"hintpipe host: connection {conn}: shm setup refused: {e}", file=sys.stderr, flush=True)
                 return
@@ -251,12 +297,13 @@ class GuestServer:
                     return
             async with open_stream_endpoint(sock, collect_fds=kind == "unix") as stream:
                 if kind != "tcp":
-                    await self._serve_guest(stream, conn, stream.take_fds, rx)
+                    await self._serve_guest(stream, conn, stream.take_fds, admission, rx)
                     return
-                mirror = MirrorReceiver(stream.queue_nowait)  # tcp: the guest streams its memory
+                # tcp: the guest streams its memory; its INIT is admitted before the mirror is made
+                mirror = MirrorReceiver(stream.queue_nowait, admit=admission.mirror)
                 ep = RecordEndpoint(stream, mirror)
                 try:
-                    await self._serve_guest(ep, conn, ep.take_fds, rx, mirror)
+                    await self._serve_guest(ep, conn, ep.take_fds, admission, rx, mirror)
                 finally:
                     if mirror.region is not None:
                         mirror.region.close()  # a mirror made for a guest that was then refused
@@ -278,14 +325,15 @@ class GuestServer:
             except OSError:
                 pass
 
-    async def _serve_guest(self, ep: Endpoint, conn: int, take_fds: Callable[[], list[int]],
+    async def _serve_guest(self, ep: Endpoint, conn: int, take_fds: Callable[[], list[int]], admission: "_Admission",
                            rx: ReceivedRam | None = None, mirror: MirrorReceiver | None = None) -> None:
         opts = self.opts
         # command ids are unique across this host's connections: a guest that reconnects never
         # sees an id of its previous connection (blocks of 2**16 rounds per connection)
         cfg = opts.cfg
         # the guards are the host's alone: nothing the guest sends reaches these switches
-        session = HostSession(ep, max_ranges=cfg.max_ranges, drop_stale=cfg.guard_on("stale-drop"),
+        session = HostSession(ep, max_ranges=cfg.max_ranges, idle_timeout_s=opts.idle_timeout_s,
+                              drop_stale=cfg.guard_on("stale-drop"),
                               first_cmd_id=CMD_ID_BASE + ((conn - 1) % 32768) * 65536)
 
         def page_state(pages: int) -> HostPageState:
@@ -299,9 +347,7 @@ class GuestServer:
         regions: list[SharedRegion] = []
 
         def make_state(hello: Hello) -> HostPageState:
-            if hello.page_count > opts.max_guest_pages:
-                raise RegionError(f"a guest of {hello.page_count} pages exceeds this host's limit of "
-                                  f"{opts.max_guest_pages} pages (--max-guest-pages)")
+            admission.guest(hello.page_count)  # size limit and memory budget, before anything else
             if mirror is not None:  # tcp: the mirror the guest's records fill
                 if mirror.region is None or mirror.region.page_count != hello.page_count:
                     raise RegionError("tcp guest did not announce its memory (INIT record) for Hello's page_count")
@@ -326,12 +372,20 @@ class GuestServer:
             with trio.move_on_after(1):
                 try:
                     await ep.send_frame(session.conn.error(code, msg))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # read (and drop) what the guest still sends until it leaves: closing a tcp
+                    # socket with unread input resets the connection, and the guest would lose
+                    # the Error (a tcp guest streams its memory records before its Hello)
+                    receive = getattr(ep, "stream", ep).receive
+                    while await receive():
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError):
                     pass
-            if hello is None:  # not a guest yet (a silent or garbage peer): it does not count
-                print(f"hintpipe host: connection {conn}: {msg}", file=sys.stderr, flush=True)
-            else:
+            if hello is not None:
                 self._refused(gid, hello.name, hello.page_count, msg)
+            elif admission.refused is not None:  # a tcp INIT refused: a guest that announced its size
+                self._refused(gid, "?", admission.refused, msg)
+            else:  # not a guest yet (a silent or garbage peer): it does not count
+                print(f"hintpipe host: connection {conn}: {msg}", file=sys.stderr, flush=True)
 
         gid = 0
         try:
@@ -341,6 +395,8 @@ class GuestServer:
             await refuse(ErrorCode.UNEXPECTED_MESSAGE, "no Hello within the handshake timeout")
             return
         except ProtocolError as e:
+            if admission.refused is not None:
+                gid = self._new_guest_id()
             await refuse(e.code, e.message)
             return
         except RegionError as e:  # a well-formed Hello this host cannot serve
@@ -364,14 +420,14 @@ class GuestServer:
                 if cfg.reclaim and (why := reclaim_refusal(memory="real", wp=real.name, race_mode="detect")):
                     await refuse(ErrorCode.UNSUPPORTED, f"this host reclaims guest memory: {why}", hello)
                     return
-            await self._migrate(ep, gid, session, hello, region, real)
+            await self._migrate(ep, gid, session, hello, region, real, admission.reservation)
         finally:
             if real is not None:
                 real.close()  # sync uffd: lifts all protection, so no guest writer stays blocked
             region.close()
 
     async def _migrate(self, ep: Endpoint, gid: int, session: HostSession, hello: Hello, region: SharedRegion,
-                       real: HostRealMemory | None = None) -> None:
+                       real: HostRealMemory | None, reservation: Reservation) -> None:
         opts = self.opts
         state = session.state
         control = HostControl(region, session.closed, timeout_s=opts.barrier_timeout_s)
@@ -408,7 +464,7 @@ class GuestServer:
         engine = MigrationEngine(
             opts.cfg.migration, state,
             read_source=real.read_source if real is not None else lambda idx: region.versions[idx],
-            free_mask=lambda: region.free.copy(),
+            free_mask=lambda: region.free,  # the engine copies what it keeps (one copy a round)
             pause_guest=pause,
             session=session,
             # uffd/uffd-async/off: no barrier, the kernel's protection needs none (HostRealMemory)
@@ -428,9 +484,12 @@ class GuestServer:
             if kernel_wp:  # before releasing the guest: no writer left blocked
                 wp_stats.update(real.stop())
 
-        reason = await drive_migration(engine, cancel_on_disconnect=True,
-                                       aborts=(GuestStuck, GuestLeft, RealMemoryError),
-                                       before_done=stop_tracking, linger_s=2.0)
+        try:
+            reason = await drive_migration(engine, cancel_on_disconnect=True,
+                                           aborts=(GuestStuck, GuestLeft, RealMemoryError),
+                                           before_done=stop_tracking, linger_s=LINGER_S)
+        finally:
+            session.fault_handler = None  # holds the page state and the region: let go of them now
         rounds.close()
         res = engine.result
         if reason is None and opts.cfg.broken:
@@ -464,6 +523,8 @@ class GuestServer:
         rep["reason"] = reason
         rep["transport"] = opts.address.kind
         rep["guest"] = {"id": gid, "name": hello.name, "pages": hello.page_count}
+        rep["memory"] = {"reserved_bytes": reservation.nbytes, "budget_bytes": self.budget.limit,
+                         "budget_peak_bytes": self.budget.peak}
         self._guest_done(rep)
 
 
@@ -495,3 +556,51 @@ async def host_main(opts: HostOptions, progress: Progress = NO_PROGRESS) -> int:
     if stopped_by and opts.guests is not None and server.served < opts.guests:
         return 128 + stopped_by[0]
     return 0 if all(r["status"] == "migrated" for r in server.reports) else 1
+
+
+class _Admission:
+    """One connection's way in: the guest-size limit and the memory budget, checked on every
+    size the guest announces (shm rings, tcp INIT, Hello) before anything is mapped or
+    allocated for it, and charged to its :class:`Reservation`."""
+
+    def __init__(self, opts: HostOptions, reservation: Reservation) -> None:
+        self.opts = opts
+        self.reservation = reservation
+        self.pages: int | None = None
+        self.cost: GuestCost | None = None
+        self.refused: int | None = None
+        """The page count of a guest refused at its tcp INIT (it then counts as a guest)."""
+
+    def guest(self, page_count: int) -> None:
+        """Admit a guest of ``page_count`` pages (again: a no-op); RegionError refuses it."""
+        if self.pages is not None:
+            if page_count != self.pages:
+                raise RegionError(f"the guest announced {self.pages} pages, then {page_count}")
+            return
+        limit = min(self.opts.max_guest_pages, MAX_PAGE_COUNT)
+        if page_count > limit:
+            raise RegionError(f"a guest of {page_count} pages exceeds this host's limit of "
+                              f"{limit} pages (--max-guest-pages)")
+        cost = GuestCost.of(page_count, memory=self.opts.cfg.memory)
+        try:
+            self.reservation.grow(cost.total, f"a guest of {page_count} pages ({cost.describe()})")
+        except BudgetExceeded as e:
+            raise RegionError(str(e)) from None
+        self.pages, self.cost = page_count, cost
+
+    def mirror(self, page_count: int) -> None:
+        """tcp INIT: :meth:`guest`, refusing with ProtocolError (UNSUPPORTED) from the record layer."""
+        try:
+            self.guest(page_count)
+        except RegionError as e:
+            self.refused = page_count
+            raise ProtocolError(ErrorCode.UNSUPPORTED, str(e)) from None
+
+    def ring(self, nbytes: int) -> None:
+        """shm setup: charge the rings the host is asked to map; ShmSetupError refuses."""
+        from hintpipe.channel.shm import ShmSetupError
+
+        try:
+            self.reservation.grow(nbytes, f"the guest's shm rings ({mib(nbytes)})")
+        except BudgetExceeded as e:
+            raise ShmSetupError(str(e)) from None

@@ -194,11 +194,17 @@ class MirroredRegion(SharedRegion):
 
 class MirrorReceiver:
     """Host side of a tcp guest's memory: the mirror its first record (INIT) creates, then
-    every later record applied to it; records toward the guest go to ``send``."""
+    every later record applied to it; records toward the guest go to ``send``.
 
-    def __init__(self, send: Callable[[bytes], None]) -> None:
+    ``admit(page_count)`` runs on INIT before the mirror is made: the host's guest-size limit
+    and memory budget (it raises ProtocolError, UNSUPPORTED, to refuse the guest), so an INIT
+    can never make the host allocate what a Hello would be refused for (wire-v1 11.6.1).
+    """
+
+    def __init__(self, send: Callable[[bytes], None], admit: Callable[[int], None] | None = None) -> None:
         self.region: MirroredRegion | None = None
         self._send = send
+        self._admit = admit
 
     def on_record(self, rtype: int, body: bytes) -> None:
         """Create the mirror from INIT, or apply a record to it (bad ones raise ProtocolError)."""
@@ -208,6 +214,11 @@ class MirrorReceiver:
         if rtype != INIT or len(body) != 8:
             raise _bad("the guest's first record must be INIT")
         (pages,) = struct.unpack("<Q", body)
-        if not 1 <= pages <= min(MAX_PAGE_COUNT, MAX_MIRROR_PAGES):
+        if pages < 1:
             raise _bad(f"INIT page_count {pages} out of range")
+        if pages > min(MAX_PAGE_COUNT, MAX_MIRROR_PAGES):
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"a guest of {pages} pages is above the largest this host "
+                                                       f"mirrors over tcp ({MAX_MIRROR_PAGES} pages)")
+        if self._admit is not None:
+            self._admit(pages)
         self.region = MirroredRegion.mirror(pages, role="host", send=self._send)

@@ -48,6 +48,8 @@ OFF_BARRIER_DONE = 68  # host
 OFF_PAUSE_REQ = 72  # host
 OFF_BARRIER_ACK = 128  # guest
 OFF_PAUSE_ACK = 132  # guest
+VERSION_DTYPE = np.dtype(np.uint32)
+"""A page's content in simulation: its version (and what the host's destination holds a page)."""
 
 
 class RegionError(Exception):
@@ -76,7 +78,7 @@ class SharedRegion:
         buf = memoryview(self._mm)
         self._buf = buf
         self.ctrl = np.frombuffer(buf, dtype="<u4", count=CTRL_SIZE // 4, offset=0)
-        self.versions = np.frombuffer(buf, dtype=np.uint32, count=page_count, offset=v)
+        self.versions = np.frombuffer(buf, dtype=VERSION_DTYPE, count=page_count, offset=v)
         self.protect = np.frombuffer(buf, dtype=np.uint8, count=page_count, offset=p)
         self.free = np.frombuffer(buf, dtype=np.bool_, count=page_count, offset=f)
 

@@ -41,6 +41,8 @@ from .messages import (
     Hints,
     Message,
     MessageType,
+    Ping,
+    Pong,
     RoundEnd,
     StartRound,
     StopRound,
@@ -314,6 +316,8 @@ _FIELDS: dict[int, tuple[Callable[[Any], Any], ...]] = {
     MessageType.DONE: (_bool("ok"), _summary),
     MessageType.ERROR: (_u32("code"), _str("message", MAX_TEXT_LEN)),
     MessageType.BYE: (_str("reason", MAX_TEXT_LEN),),
+    MessageType.PING: (_u32("seq"),),
+    MessageType.PONG: (_u32("seq"),),
 }
 
 
@@ -370,7 +374,7 @@ def _fields_of(msg: Message) -> list:
         return [msg.cmd_id, msg.batches]
     if t is Ack:
         return [msg.count]
-    if t is FaultDone:
+    if t in (FaultDone, Ping, Pong):
         return [msg.seq]
     if t is Done:
         return [msg.ok, msg.summary]

@@ -27,11 +27,14 @@ from .states import SENT_BY, ConnState, Direction, Role, transition
 from .messages import (
     CMD_ID_BASE,
     CMD_ID_MAX,
+    FEATURE_KEEPALIVE,
+    KNOWN_FEATURES,
     MAX_OUTSTANDING_FAULTS,
     MAX_RANGES_PER_BATCH,
     MAX_TEXT_LEN,
     PAGE_SIZE,
     PROTOCOL_VERSION,
+    U32_MAX,
     Ack,
     Bye,
     ConnectionClosed,
@@ -44,6 +47,8 @@ from .messages import (
     Hints,
     Message,
     MessageType,
+    Ping,
+    Pong,
     RoundEnd,
     StaleHints,
     StartRound,
@@ -77,6 +82,9 @@ class _Connection:
         self._window: int | None = None
         self._max_ranges: int | None = None
         self._features = 0
+        self._ping_sent: int | None = None  # seq of this side's Ping the peer has not answered
+        self._ping_received: int | None = None  # seq of the peer's Ping this side has not answered
+        self._next_ping = 0
         peer = Role.GUEST if self._role is Role.HOST else Role.HOST
         self._inbound = SENT_BY[peer]
 
@@ -114,7 +122,7 @@ class _Connection:
             if msg.TYPE in (MessageType.ERROR, MessageType.BYE):
                 self._peer_close = nxt  # closing is kept apart from the phase
                 return msg
-            ev = self._receive(msg)
+            ev = self._on_keepalive(msg) if msg.TYPE in (MessageType.PING, MessageType.PONG) else self._receive(msg)
             self._phase = nxt
             return ev
         except ProtocolError as exc:
@@ -124,6 +132,20 @@ class _Connection:
     def _receive(self, msg: Message) -> Event:
         """Check ``msg`` (allowed in this state) against the connection and apply its effects."""
         raise NotImplementedError
+
+    def _on_keepalive(self, msg: Ping | Pong) -> Event:
+        name = type(msg).__name__
+        if not self.keepalive:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{name} but the KEEPALIVE feature is not in force")
+        if type(msg) is Ping:
+            if self._ping_received is not None:
+                raise ProtocolError(ErrorCode.CREDIT_EXCEEDED, f"Ping {msg.seq} before Ping {self._ping_received} was answered")
+            self._ping_received = msg.seq
+        else:
+            if self._ping_sent != msg.seq:
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"Pong {msg.seq} answers no outstanding Ping")
+            self._ping_sent = None
+        return msg
 
     # -- send side -----------------------------------------------------------------------
 
@@ -145,6 +167,28 @@ class _Connection:
             raise _local(ErrorCode.UNEXPECTED_MESSAGE, "connection already closed by this side")
         data = encode(Error(int(code), str(message)[:MAX_TEXT_LEN]))
         self._local_close = transition(self._role, self._phase, Direction.SEND, MessageType.ERROR)
+        return data
+
+    def ping(self) -> bytes:
+        """Bytes of a Ping (KEEPALIVE in force, READY or DONE, the previous Ping answered)."""
+        self._check_can_send(MessageType.PING)
+        if not self.keepalive:
+            raise _local(ErrorCode.UNSUPPORTED, "the KEEPALIVE feature is not in force")
+        if self._ping_sent is not None:
+            raise _local(ErrorCode.CREDIT_EXCEEDED, f"Ping {self._ping_sent} is not answered yet")
+        seq = self._next_ping
+        data = encode(Ping(seq))
+        self._ping_sent = seq
+        self._next_ping = (seq + 1) & U32_MAX
+        return data
+
+    def pong(self) -> bytes:
+        """Bytes of the Pong that answers the peer's outstanding Ping."""
+        self._check_can_send(MessageType.PONG)
+        if self._ping_received is None:
+            raise _local(ErrorCode.UNEXPECTED_MESSAGE, "no Ping of the peer to answer")
+        data = encode(Pong(self._ping_received))
+        self._ping_received = None
         return data
 
     def bye(self, reason: str = "") -> bytes:
@@ -191,8 +235,23 @@ class _Connection:
 
     @property
     def features(self) -> int:
-        """Negotiated feature bits (v1 defines none)."""
+        """Negotiated feature bits (:data:`~hintpipe.protocol.messages.FEATURE_KEEPALIVE`)."""
         return self._features
+
+    @property
+    def keepalive(self) -> bool:
+        """True once Ping/Pong were agreed (KEEPALIVE in Welcome's features)."""
+        return bool(self._features & FEATURE_KEEPALIVE)
+
+    @property
+    def ping_outstanding(self) -> bool:
+        """True while this side's last Ping has not been answered."""
+        return self._ping_sent is not None
+
+    @property
+    def ping_to_answer(self) -> bool:
+        """True while the peer's last Ping has not been answered with :meth:`pong`."""
+        return self._ping_received is not None
 
     @property
     def local_closed(self) -> bool:
@@ -209,7 +268,8 @@ class HostConnection(_Connection):
     """Host (consumer) side: receives Hello, Hints, RoundEnd, Fault; issues rounds and acks.
 
     Events: Hello, Hints (current round; ranges validated), StaleHints (stopped round: drop the
-    ranges, but Ack the frame), RoundEnd, Fault, Error, Bye, ConnectionClosed.
+    ranges, but Ack the frame), RoundEnd, Fault, Ping (answer with :meth:`pong`), Pong, Error,
+    Bye, ConnectionClosed.
 
     ``drop_stale=False`` turns the stale-drop guard off: a frame under a stopped command id comes
     out as Hints, to be applied (wire-v1 section 6.3 forbids it; this exists only to show that the
@@ -299,7 +359,11 @@ class HostConnection(_Connection):
             self.hints_frames += 1
             self.hints_ranges += n
             self.hints_pages += int(msg.ranges[:, 1].sum())
-            return Hints(msg.cmd_id, msg.ranges, orders)
+            # the message was decoded for this event alone: give it its orders in place rather
+            # than building (and re-checking) a second Hints per frame
+            orders.flags.writeable = False
+            object.__setattr__(msg, "orders", orders)
+            return msg
         # Issued, stopped, RoundEnd not yet received: the hint may predate a write the host no
         # longer tracks for that round, so applying it is unsafe (wire-v1 section 6.3). Drop, but keep
         # the credit accounting intact.
@@ -310,7 +374,9 @@ class HostConnection(_Connection):
     # -- send ------------------------------------------------------------------------------
 
     def welcome(self, max_ranges: int = MAX_RANGES_PER_BATCH, window: int | None = None, features: int = 0) -> bytes:
-        """Answer the Hello: accept ``window`` (default: the guest's) and ``max_ranges``."""
+        """Answer the Hello: accept ``window`` (default: the guest's) and ``max_ranges``;
+        ``features`` are the bits this host supports, of which those the guest offered (and this
+        implementation knows) are put in force."""
         nxt = self._check_can_send(MessageType.WELCOME)
         assert self._hello is not None
         if window is None:
@@ -319,7 +385,7 @@ class HostConnection(_Connection):
             raise _local(ErrorCode.BAD_FIELD, f"window {window} outside [1, guest window {self._guest_window}]")
         if not 1 <= max_ranges <= MAX_RANGES_PER_BATCH:
             raise _local(ErrorCode.BAD_FIELD, f"max_ranges {max_ranges} outside [1, {MAX_RANGES_PER_BATCH}]")
-        features &= self._hello.features  # never enable what the guest did not offer
+        features &= self._hello.features & KNOWN_FEATURES  # never enable what the guest did not offer
         data = encode(Welcome(PROTOCOL_VERSION, max_ranges, window, features))
         self._window, self._max_ranges, self._features = window, max_ranges, features
         self._phase = nxt
@@ -411,7 +477,8 @@ class HostConnection(_Connection):
 class GuestConnection(_Connection):
     """Guest (producer) side: sends Hello, Hints, RoundEnd, Fault; tracks credits and rounds.
 
-    Events: Welcome, StartRound, StopRound, Ack, FaultDone, Done, Error, Bye, ConnectionClosed.
+    Events: Welcome, StartRound, StopRound, Ack, FaultDone, Done, Ping (answer with
+    :meth:`pong`), Pong, Error, Bye, ConnectionClosed.
     """
 
     _role = Role.GUEST
@@ -449,7 +516,7 @@ class GuestConnection(_Connection):
         so a buggy producer fails here instead of getting the connection killed by the host.
         """
         self._check_can_send(MessageType.HINTS)
-        if cmd_id != self._active:
+        if self._active is None or cmd_id != self._active:  # (None is no round: found by fuzzing)
             raise _local(ErrorCode.UNKNOWN_COMMAND_ID, f"cmd_id {cmd_id!r} is not the active round ({self._active!r})")
         if self._in_flight >= self._window:
             raise _local(ErrorCode.CREDIT_EXCEEDED, f"no credit: {self._in_flight} frames un-acked, window {self._window}")

@@ -40,6 +40,8 @@ class ErrorCode(enum.IntEnum):
     """A valid but unsupported parameter (e.g. page_size != 4096)."""
     INTERNAL = 14
     """The sender failed internally; not the receiver's fault."""
+    TIMEOUT = 15
+    """The peer sent no frame within the sender's idle bound (with KEEPALIVE: not even a Pong)."""
 
 
 class ProtocolError(Exception):

@@ -40,6 +40,12 @@ CMD_ID_MAX = 0xFFFFFFFF
 """Command ids are u32."""
 U32_MAX = 0xFFFFFFFF
 
+FEATURE_KEEPALIVE = 0x1
+"""Feature bit 0: either side may send Ping and must answer the peer's Ping with Pong (wire-v1
+section 9.1), so each side can bound how long a silent peer is waited for."""
+KNOWN_FEATURES = FEATURE_KEEPALIVE
+"""Every feature bit this implementation knows; a host never enables more than this."""
+
 
 class MessageType(enum.IntEnum):
     """First element of every frame's msgpack array."""
@@ -56,6 +62,8 @@ class MessageType(enum.IntEnum):
     DONE = 10
     ERROR = 11
     BYE = 12
+    PING = 13
+    PONG = 14
 
 
 def _readonly_u64(values: Any, *, pairs: bool) -> np.ndarray:
@@ -243,12 +251,31 @@ class Bye:
     reason: str
 
 
-Message = Hello | Welcome | StartRound | StopRound | Hints | RoundEnd | Ack | Fault | FaultDone | Done | Error | Bye
+@dataclass(frozen=True)
+class Ping:
+    """Either direction, only with KEEPALIVE in force: the sender heard nothing for a while and
+    asks whether the peer is alive; the peer answers ``Pong(seq)`` at once."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PING
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Either direction: the answer to the peer's ``Ping(seq)``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PONG
+    seq: int
+
+
+Message = (Hello | Welcome | StartRound | StopRound | Hints | RoundEnd | Ack | Fault | FaultDone | Done | Error | Bye
+           | Ping | Pong)
 """Any wire message."""
 
 MESSAGE_CLASSES: dict[int, type] = {
     cls.TYPE: cls
-    for cls in (Hello, Welcome, StartRound, StopRound, Hints, RoundEnd, Ack, Fault, FaultDone, Done, Error, Bye)
+    for cls in (Hello, Welcome, StartRound, StopRound, Hints, RoundEnd, Ack, Fault, FaultDone, Done, Error, Bye,
+                Ping, Pong)
 }
 """Message type integer -> dataclass."""
 

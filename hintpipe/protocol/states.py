@@ -8,7 +8,9 @@ tables in ``protocols/wire-v1.md`` section 5, one for one (a test compares them)
 next state means "unchanged". The checks that depend on more than the state (command ids,
 credits, ranges) stay with :mod:`hintpipe.protocol.connection`, which drives this table.
 
-Error and Bye are allowed in every open state, in both directions: received they close the
+Ping and Pong (keepalive, both directions) are listed like any message; that the KEEPALIVE
+feature is in force is one of the connection's checks. Error and Bye are allowed in every open
+state, in both directions: received they close the
 connection (CLOSED), sent they close this side (Bye: CLOSED, Error: ERROR). The connection keeps
 that closing apart from the phase (handshake and rounds), so input that arrives after this side
 sent Bye is still judged by the phase.
@@ -20,7 +22,7 @@ import enum
 
 from .messages import MessageType
 
-__all__ = ["ConnState", "Role", "Direction", "OPEN_STATES", "SENT_BY", "ROWS", "TRANSITIONS",
+__all__ = ["ConnState", "Role", "Direction", "OPEN_STATES", "SENT_BY", "BOTH_WAYS", "ROWS", "TRANSITIONS",
            "transition"]
 
 
@@ -72,10 +74,13 @@ OPEN_STATES: dict[Role, tuple[ConnState, ...]] = {
 
 SENT_BY: dict[Role, frozenset[MessageType]] = {
     _HOST: frozenset({_T.WELCOME, _T.START_ROUND, _T.STOP_ROUND, _T.ACK, _T.FAULT_DONE, _T.DONE,
-                      _T.ERROR, _T.BYE}),
-    _GUEST: frozenset({_T.HELLO, _T.HINTS, _T.ROUND_END, _T.FAULT, _T.ERROR, _T.BYE}),
+                      _T.ERROR, _T.BYE, _T.PING, _T.PONG}),
+    _GUEST: frozenset({_T.HELLO, _T.HINTS, _T.ROUND_END, _T.FAULT, _T.ERROR, _T.BYE, _T.PING, _T.PONG}),
 }
 """Message types each role may send; a type a role never receives is a direction error."""
+
+BOTH_WAYS: frozenset[MessageType] = frozenset({_T.ERROR, _T.BYE, _T.PING, _T.PONG})
+"""Message types both roles send and receive."""
 
 _READY_DONE = (_S.READY, _S.DONE)
 
@@ -89,6 +94,8 @@ ROWS: tuple[tuple[Role, tuple[ConnState, ...], Direction, tuple[MessageType, ...
     (_HOST, _READY_DONE, _RECV, (_T.ROUND_END,), None),
     (_HOST, _READY_DONE, _RECV, (_T.FAULT,), None),
     (_HOST, _READY_DONE, _SEND, (_T.ACK, _T.FAULT_DONE), None),
+    (_HOST, _READY_DONE, _SEND, (_T.PING, _T.PONG), None),
+    (_HOST, _READY_DONE, _RECV, (_T.PING, _T.PONG), None),
     (_HOST, OPEN_STATES[_HOST], _RECV, (_T.ERROR, _T.BYE), _S.CLOSED),
     (_HOST, OPEN_STATES[_HOST], _SEND, (_T.BYE,), _S.CLOSED),
     (_HOST, OPEN_STATES[_HOST], _SEND, (_T.ERROR,), _S.ERROR),
@@ -102,6 +109,8 @@ ROWS: tuple[tuple[Role, tuple[ConnState, ...], Direction, tuple[MessageType, ...
     (_GUEST, _READY_DONE, _RECV, (_T.FAULT_DONE,), None),
     (_GUEST, (_S.READY,), _SEND, (_T.HINTS,), None),
     (_GUEST, _READY_DONE, _SEND, (_T.ROUND_END, _T.FAULT), None),
+    (_GUEST, _READY_DONE, _SEND, (_T.PING, _T.PONG), None),
+    (_GUEST, _READY_DONE, _RECV, (_T.PING, _T.PONG), None),
     (_GUEST, OPEN_STATES[_GUEST], _RECV, (_T.ERROR, _T.BYE), _S.CLOSED),
     (_GUEST, OPEN_STATES[_GUEST], _SEND, (_T.BYE,), _S.CLOSED),
     (_GUEST, OPEN_STATES[_GUEST], _SEND, (_T.ERROR,), _S.ERROR),
@@ -117,7 +126,7 @@ def _expand(rows) -> dict[tuple[Role, ConnState, Direction, MessageType], ConnSt
                 key = (role, state, direction, mtype)
                 if key in table:
                     raise ValueError(f"two transitions for {key}")
-                if (direction is _SEND) != (mtype in SENT_BY[role]) and mtype not in (_T.ERROR, _T.BYE):
+                if (direction is _SEND) != (mtype in SENT_BY[role]) and mtype not in BOTH_WAYS:
                     raise ValueError(f"{role.value} cannot {direction.value} {mtype.name}")
                 table[key] = state if nxt is None else nxt
     return table

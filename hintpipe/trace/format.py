@@ -19,6 +19,7 @@ from hintpipe.units import MAX_ORDER, MAX_PAGE_COUNT, PAGE_SIZE
 
 from .errors import TraceError
 from .events import COLUMNS, EventBatch
+from .layout import Layout, PageKind, Zone
 from .stream import iter_zstd_fileobj
 
 MAGIC = b"HPTRACE1"
@@ -60,6 +61,8 @@ def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16, task=None
     }
     if derived_from is not None:
         header["derived_from"] = derived_from
+    if trace.known_layout is not None:
+        header.update(_layout_fields(trace.known_layout))
     total = 0
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
     fd, tmp_name = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".part")
@@ -91,6 +94,54 @@ def write_v1(out_file: str | Path, trace, batch_events: int = 1 << 16, task=None
         tmp.unlink(missing_ok=True)
         raise
     return {"events": total, "bytes": out_file.stat().st_size, "page_count": trace.page_count}
+
+
+def _layout_fields(layout: Layout) -> dict:
+    """The optional header keys that carry a :class:`~.layout.Layout` (protocols/trace-v1.md)."""
+    out = {
+        "zones": [z.as_dict() for z in layout.zones],
+        "not_ram": {"encoding": "bitmap-le", "data": _pack_bitmap(layout.kind == PageKind.NOT_RAM)},
+        "zero_at_start": {"encoding": "bitmap-le", "data": _pack_bitmap(layout.kind == PageKind.ZERO)},
+        "layout_notes": list(layout.notes),
+    }
+    if layout.reported is not None:
+        out["reported_at_start"] = {"encoding": "bitmap-le", "data": _pack_bitmap(layout.reported)}
+    return out
+
+
+def _optional_bitmap(h: dict, key: str, n: int, sp: str) -> np.ndarray | None:
+    v = h.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, dict) or v.get("encoding") != "bitmap-le" or not isinstance(v.get("data"), bytes) \
+            or len(v["data"]) != (n + 7) // 8:
+        raise TraceError("format", f"{key} must be a little-endian bitmap of page_count bits", sp)
+    return _unpack_bitmap(v["data"], n)
+
+
+def _layout_of(h: dict, initial_free: np.ndarray, sp: str) -> Layout | None:
+    """The header's :class:`~.layout.Layout`, or None when it carries none (older writers)."""
+    n = len(initial_free)
+    not_ram = _optional_bitmap(h, "not_ram", n, sp)
+    zero = _optional_bitmap(h, "zero_at_start", n, sp)
+    if not_ram is None or zero is None:
+        return None
+    zones = h.get("zones") or []
+    if not isinstance(zones, list) or not all(isinstance(z, dict) for z in zones):
+        raise TraceError("format", "zones must be an array of maps", sp)
+    try:
+        zs = [Zone.from_dict(z) for z in zones]
+    except (KeyError, TypeError, ValueError) as e:
+        raise TraceError("format", f"malformed zone ({type(e).__name__}: {e})", sp) from None
+    if any(z.start_pfn < 0 or z.spanned < 0 or z.end_pfn > n for z in zs):
+        raise TraceError("format", "a zone lies outside the trace's page_count", sp)
+    kind = np.full(n, PageKind.USED, np.uint8)
+    kind[zero] = PageKind.ZERO
+    kind[initial_free] = PageKind.FREE
+    kind[not_ram] = PageKind.NOT_RAM
+    notes = h.get("layout_notes") or []
+    return Layout(kind, zs, _optional_bitmap(h, "reported_at_start", n, sp),
+                  [str(x) for x in notes] if isinstance(notes, list) else [])
 
 
 def _records(path: Path) -> Iterator[dict]:
@@ -170,8 +221,10 @@ def _header_fields(h: dict, path: Path) -> dict:
             raise TraceError("format", f"{key} must be nil or a map with free_pages and by_order", sp)
     if not isinstance(h.get("source") or {}, dict):
         raise TraceError("format", "source must be a map", sp)
-    return {"initial_free": _unpack_bitmap(init["data"], n), "buddyinfo_start": h.get("buddyinfo_start"),
-            "buddyinfo_end": h.get("buddyinfo_end"), "source": dict(h.get("source") or {})}
+    initial_free = _unpack_bitmap(init["data"], n)
+    return {"initial_free": initial_free, "buddyinfo_start": h.get("buddyinfo_start"),
+            "buddyinfo_end": h.get("buddyinfo_end"), "source": dict(h.get("source") or {}),
+            "known_layout": _layout_of(h, initial_free, sp)}
 
 
 def iter_v1_batches(path: str | Path, page_count: int, end: dict | None = None) -> Iterator[EventBatch]:

@@ -75,6 +75,8 @@ def event_effects(etype: np.ndarray, order: np.ndarray, thp_order: int | None = 
 
 
 _ALLOC = int(EventType.ALLOC)
+_FREE = int(EventType.FREE)
+_DRAIN = int(EventType.PCPU_DRAIN)
 
 
 class ReplayModel:
@@ -92,8 +94,10 @@ class ReplayModel:
             memory.write(allocated)
     """
 
-    def __init__(self, initial_free: np.ndarray, batches: Iterable[EventBatch], thp_order: int | None = HPAGE_PMD_ORDER):
-        self.free_mask = np.array(initial_free, dtype=bool, copy=True)
+    def __init__(self, initial_free: np.ndarray, batches: Iterable[EventBatch], thp_order: int | None = HPAGE_PMD_ORDER,
+                 *, copy: bool = True):
+        # copy=False: the model advances ``initial_free`` itself (a caller that is done with it)
+        self.free_mask = np.array(initial_free, dtype=bool, copy=True if copy else None)
         self.page_count = len(self.free_mask)
         self.thp_order = thp_order
         self._it: Iterator[EventBatch] = iter(batches)
@@ -209,15 +213,39 @@ class ReplayModel:
         self.t_ns = int(batch.ts_ns[-1])
         return allocated, freed
 
-    def advance_to(self, t_ns: int) -> tuple[np.ndarray, np.ndarray]:
-        """Apply every remaining event with ts_ns <= t_ns; returns (allocated, freed) pages."""
+    def next_step(self, t_ns: int) -> EventBatch:
+        """Take (without applying) every remaining event with ts_ns <= t_ns: a step to
+        :meth:`apply`, so a caller can look at it first."""
         while (not self._remaining() or int(self._pending.ts_ns[-1]) <= t_ns) and self._pull():
             pass
         ts = self._pending.ts_ns
         cut = self._pos + int(np.searchsorted(ts[self._pos:], t_ns, side="right"))
         step = self._pending.take(slice(self._pos, cut))
         self._pos = cut
-        return self.apply(step)
+        return step
+
+    def advance_to(self, t_ns: int) -> tuple[np.ndarray, np.ndarray]:
+        """Apply every remaining event with ts_ns <= t_ns; returns (allocated, freed) pages."""
+        return self.apply(self.next_step(t_ns))
+
+    def holders(self, batch: EventBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Who holds each page the ``mm_page_alloc``, ``mm_page_free`` and ``mm_page_pcpu_drain``
+        events of ``batch`` touch, after the batch: ``(pages, freed)``, in event order, one
+        entry per page of each event (assigned in order, the last event of a page wins).
+        ``freed``: its last event freed it (to a per-CPU list or the buddy) or drained it from a
+        per-CPU list to the buddy (it was freed before, perhaps before the trace began), so what
+        it holds is no longer the guest's data; otherwise a caller got it and wrote it."""
+        sel = np.flatnonzero((batch.etype == _ALLOC) | (batch.etype == _FREE) | (batch.etype == _DRAIN))
+        if not len(sel):
+            e = np.empty(0, np.int64)
+            return e, e.astype(bool)
+        pages, idx = run_pages(batch.pfn[sel], order_pages(batch.order[sel]), return_index=True)
+        return pages, batch.etype[sel][idx] != _ALLOC
+
+    def changed_blocks(self, batch: EventBatch) -> tuple[np.ndarray, np.ndarray]:
+        """``(pfn, order)`` of the events of ``batch`` that set or clear buddy-free state."""
+        act = self._effects[batch.etype, batch.order] != 0
+        return batch.pfn[act], batch.order[act]
 
     def run_to_end(self, step_events: int = 1 << 16) -> None:
         """Apply everything that is left, in chunks of about ``step_events`` events."""
@@ -262,3 +290,75 @@ class ReplayModel:
                 np.logical_or.at(bad, idx, ~self.free_mask[pages])
                 out[sel[~aligned]] = ~bad
         return out
+
+
+class FreeCounts:
+    """Free pages per aligned block of ``2**order`` pages of a :class:`ReplayModel`, and per zone,
+    kept current step by step: after a step, only the blocks its events touched are recounted.
+
+    What the policies of a replay ask at every step (is this 2 MiB block entirely free? how much
+    is free in this zone?) costs a gather of a few hundred blocks instead of a scan of the guest.
+    ``zone_of_block``: zone index of each block (-1: none); zones are counted by block, so a block
+    that straddles two zones counts in the zone of its last page.
+    """
+
+    def __init__(self, model: ReplayModel, order: int, zone_of_block: np.ndarray, nr_zones: int) -> None:
+        self.model = model
+        self.order = order
+        self.size = 1 << order
+        n = model.page_count
+        self.nblocks = -(-n // self.size)
+        self.counts = self._count(np.arange(self.nblocks))
+        self.zone_of_block = zone_of_block
+        self.zone_free = np.zeros(max(nr_zones, 1), np.int64)
+        self.became_full = np.empty(0, np.int64)
+        """Blocks the last :meth:`update` found entirely free that were not before it."""
+        self.generation = 0
+        """Incremented by every :meth:`update` that changed a count (for caches of derived state)."""
+        ok = zone_of_block >= 0
+        np.add.at(self.zone_free, zone_of_block[ok], self.counts[ok])
+
+    def _count(self, blocks: np.ndarray) -> np.ndarray:
+        fm = self.model.free_mask
+        whole = len(fm) // self.size
+        out = np.empty(len(blocks), np.int64)
+        inside = blocks < whole
+        if self.size >= 8:  # a bool is one byte 0/1: popcount whole words, eight pages at a time
+            words = fm[: whole * self.size].view(np.uint64).reshape(-1, self.size >> 3)
+            out[inside] = np.bitwise_count(words[blocks[inside]]).sum(axis=1, dtype=np.int64)
+        else:
+            out[inside] = fm[: whole * self.size].reshape(-1, self.size)[blocks[inside]].sum(axis=1, dtype=np.int64)
+        if not inside.all():  # the last, partial block
+            out[~inside] = np.count_nonzero(fm[whole * self.size:])
+        return out
+
+    @property
+    def full(self) -> np.ndarray:
+        """bool per block: all of its pages are free."""
+        return self.counts == self.size
+
+    def update(self, step: EventBatch) -> np.ndarray:
+        """Recount the blocks the applied ``step`` touched; return their indices (sorted)."""
+        pfn, order = self.model.changed_blocks(step)
+        self.became_full = np.empty(0, np.int64)
+        if not len(pfn):
+            return self.became_full
+        k = self.order
+        first = (pfn >> np.uint64(k)).astype(np.int64)
+        wide = order > k
+        blocks = first if not wide.any() else np.concatenate(
+            [first, run_pages(first[wide], order_pages(order[wide] - k))])
+        blocks = np.unique(blocks)
+        new = self._count(blocks)
+        old = self.counts[blocks]
+        delta = new - old
+        self.counts[blocks] = new
+        self.became_full = blocks[(new == self.size) & (old != self.size)]
+        if (delta != 0).any():
+            self.generation += 1
+        z = self.zone_of_block[blocks]
+        ok = (z >= 0) & (delta != 0)
+        if ok.any():
+            np.add.at(self.zone_free, z[ok], delta[ok])
+        return blocks
+

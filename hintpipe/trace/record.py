@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import errno
+
 import numpy as np
 import zstandard
 
@@ -51,6 +53,12 @@ POLL_S = 0.005
 ZSTD_LEVEL = 1
 """kmem pages compress about 5x even at level 1, and the readers must stay cheap."""
 INSTANCE_PREFIX = "hintpipe-record-"
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""Write errors that mean no room is left for the recording (a full disk, a file-size limit, a quota)."""
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
 def _read(p: Path) -> str:
@@ -447,7 +455,14 @@ def record(outdir: str | Path, duration: float | None = None, command: list[str]
     except OSError as e:
         raise RecordError(f"cannot create the output folder {out}: {e.strerror or e}.") from None
     try:
-        s = _record(out, duration, command, tracefs, buffer_kb, clock, use_instance, poll_s, checkpoint_s, progress)
+        try:
+            s = _record(out, duration, command, tracefs, buffer_kb, clock, use_instance, poll_s, checkpoint_s, progress)
+        except OSError as e:
+            if not _disk_full(e):
+                raise
+            where = f" writing {Path(e.filename).name}" if e.filename else ""
+            raise RecordError(f"the recording ran out of disk space{where} ({e.strerror or e}): it was stopped, "
+                              f"tracing restored and the partial recording removed.") from None
         if final.is_dir():
             shutil.rmtree(final)
         elif final.exists():
@@ -546,8 +561,10 @@ def _record(out: Path, duration: float | None, command: list[str] | None, tracef
                             pass
                     task.update(round(time.monotonic() - t0, 1), description=(
                         f"recording: {sum(r.pages for r in readers):,} ring-buffer pages, {lost:,} events lost"))
-                if deadline is not None and time.monotonic() >= deadline:
-                    if proc is not None:
+                stop = next((r.error for r in readers if r.error is not None), None)
+                if stop is not None or (deadline is not None and time.monotonic() >= deadline):
+                    # a reader that cannot write (a full disk) ends the recording at once
+                    if proc is not None and proc.poll() is None:
                         proc.terminate()
                         rc = proc.wait()
                     break
@@ -570,8 +587,12 @@ def _record(out: Path, duration: float | None, command: list[str] | None, tracef
         except OSError:
             pass
         # the end state at once: from here on nothing is traced
-        _copy("/proc/buddyinfo", out / "buddyinfo.end")
-        _copy("/proc/zoneinfo", out / "zoneinfo.end")
+        end_error: OSError | None = None
+        try:
+            _copy("/proc/buddyinfo", out / "buddyinfo.end")
+            _copy("/proc/zoneinfo", out / "zoneinfo.end")
+        except OSError as e:  # raised once the tracing state is restored
+            end_error = e
         for r in readers:
             r.stop.set()
         for r in readers:
@@ -584,6 +605,11 @@ def _record(out: Path, duration: float | None, command: list[str] | None, tracef
         restore_failed = target.restore()
         if task is not None:
             task.close()
+    if end_error is not None:
+        raise end_error
+    for r in readers:
+        if r.error is not None and _disk_full(r.error):
+            raise r.error  # record() says so and removes the partial recording
     errors = [f"{r.name}: {r.error}" for r in readers if r.error is not None]
     if errors:
         raise RecordError(f"reading the ring buffer failed ({'; '.join(errors)}).")

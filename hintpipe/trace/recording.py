@@ -11,6 +11,8 @@ buddyinfo start/end figures when known, and one reader interface for its events,
 A recording folder holding both ``raw/`` and a text trace is read from ``raw/`` (lossless,
 nanosecond stamps, faster to decode). :func:`open_trace` with ``cache=True`` loads a recording
 through its cached trace-v1 conversion (cache.py).
+A recording with ``zoneinfo.start`` also says what every PFN was at the start and its zones
+(:class:`~.layout.Layout`: free, used, zero or balloon, not RAM).
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import numpy as np
 from .errors import TraceError
 from .events import EventBatch
 from .format import MAGIC, iter_v1_batches, read_v1_header, write_v1
+from .layout import Layout, classify, zones_from_zoneinfo
 from .model import ReplayModel
 from .ringbuffer import RAW_DIR, DecodeStats, check_orders, iter_raw_batches, read_meta
-from .snapshot import read_buddyinfo, read_kpageflags_buddy
+from .snapshot import parse_zoneinfo, read_buddyinfo, read_kpageflags
 from .tracefs import ParseStats, iter_tracefs
 
 TRACE_NAMES = ("kmem.trace.zst", "kmem.trace.gz", "kmem.trace")
 KPAGEFLAGS_NAMES = ("kpageflags.start.zst", "kpageflags.start.gz", "kpageflags.start")
-INFO_NAMES = ("buddyinfo.start", "buddyinfo.end", "uname.txt", "workload.txt")
+INFO_NAMES = ("buddyinfo.start", "buddyinfo.end", "zoneinfo.start", "uname.txt", "workload.txt")
 """Files of a recording besides the events and kpageflags that an opened trace reflects."""
 
 
@@ -162,6 +165,8 @@ class Trace:
     chunk_size: int = 4 << 20
     stats: ParseStats = field(default_factory=ParseStats)
     reader: EventSource | None = None
+    known_layout: Layout | None = None
+    """What each PFN was at the start and the zones, when the recording says (see :attr:`layout`)."""
 
     @property
     def page_count(self) -> int:
@@ -172,6 +177,13 @@ class Trace:
     def encoding(self) -> str:
         """How the events are stored where they are read from (see :class:`EventSource`)."""
         return self.reader.encoding
+
+    @property
+    def layout(self) -> Layout:
+        """The recording's :class:`~.layout.Layout`, or every PFN counted as RAM if it has none."""
+        if self.known_layout is None:
+            self.known_layout = Layout.all_ram(self.initial_free)
+        return self.known_layout
 
     def batches(self) -> Iterator[EventBatch]:
         """Stream the events in trace order (``stats`` starts afresh)."""
@@ -244,7 +256,10 @@ def open_recording(d: str | Path, skip_bad: bool = False, chunk_size: int = 4 <<
     tracefs text trace, plus ``kpageflags.start.zst`` and the buddyinfo files."""
     rf = recording_files(d)
     d = rf.folder
-    initial = read_kpageflags_buddy(rf.kpageflags)
+    flags = read_kpageflags(rf.kpageflags)
+    initial = flags.buddy
+    zi = d / "zoneinfo.start"
+    layout = classify(flags, zones_from_zoneinfo(parse_zoneinfo(zi.read_text())) if zi.exists() else [])
     bis, bie, source = recording_info(d)
     source["kpageflags_file"] = str(rf.kpageflags)
     if rf.encoding == "ring-buffer":
@@ -253,7 +268,8 @@ def open_recording(d: str | Path, skip_bad: bool = False, chunk_size: int = 4 <<
     else:
         source["trace_file"] = str(rf.events)
         reader = TextEvents(rf.events, len(initial), skip_bad, chunk_size)
-    return Trace(d, "recording", initial, bis, bie, source, None, skip_bad, chunk_size, reader=reader)
+    return Trace(d, "recording", initial, bis, bie, source, None, skip_bad, chunk_size, reader=reader,
+                 known_layout=layout)
 
 
 def open_v1(p: str | Path) -> Trace:

@@ -1,4 +1,5 @@
-"""Allocator snapshots: /proc/kpageflags (BUDDY pages), /proc/buddyinfo, /proc/zoneinfo.
+"""Allocator snapshots: /proc/kpageflags (BUDDY pages and the flags that say what a PFN is),
+/proc/buddyinfo, /proc/zoneinfo.
 
 From kernel 6.x KPF_BUDDY is set on every page of a free buddy block, so the free blocks are
 recovered by splitting each run of BUDDY pages into maximal naturally aligned power-of-two
@@ -8,6 +9,7 @@ blocks (order at most MAX_ORDER), all with array operations.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,16 @@ from hintpipe.units import MAX_ORDER, NR_ORDERS
 from .errors import TraceError
 from .stream import iter_raw
 
+# Bits of /proc/kpageflags (include/uapi/linux/kernel-page-flags.h)
+KPF_UPTODATE = 3
+"""PG_uptodate; on the head of a free buddy block it is PG_reported (include/linux/page-flags.h:
+``PG_reported = PG_uptodate``): free page reporting has handed the block to the host."""
 KPF_BUDDY = 10
-"""Bit of /proc/kpageflags set on pages that sit in a buddy free list (include/uapi/linux/kernel-page-flags.h)."""
+"""Set on pages that sit in a buddy free list."""
+KPF_NOPAGE = 20
+"""No struct page at this PFN (a hole without memmap, or an offline memory block)."""
+KPF_OFFLINE = 23
+"""PG_offline: logically offline, e.g. inflated into a balloon or unplugged by virtio-mem."""
 KPAGEFLAGS = Path("/proc/kpageflags")
 
 
@@ -37,7 +47,8 @@ def snapshot_kpageflags(out: str | Path, src: str | Path = KPAGEFLAGS, level: in
 
 
 def buddy_only_kpageflags(src: str | Path, out: str | Path, level: int = 19) -> int:
-    """Copy a kpageflags snapshot keeping only KPF_BUDDY (all a replay reads), which compresses
+    """Copy a kpageflags snapshot keeping only KPF_BUDDY (the free pages: a replay of it counts
+    every PFN as RAM, the page kinds need the other flags), which compresses
     several times smaller; returns the bytes written. Used for test data."""
     parts = []
     carry = b""
@@ -70,6 +81,46 @@ def read_kpageflags_buddy(path: str | Path) -> np.ndarray:
     if not parts:
         raise TraceError("corrupt", "kpageflags snapshot is empty", str(path))
     return np.concatenate(parts)
+
+
+@dataclass
+class PageFlags:
+    """The /proc/kpageflags bits a replay needs, one bool per PFN (a byte each, not eight)."""
+
+    buddy: np.ndarray
+    uptodate: np.ndarray
+    nopage: np.ndarray
+    offline: np.ndarray
+    no_flags: np.ndarray
+    """Not one flag set: a page whose struct page was never initialised (memory the kernel has
+    not given to the buddy allocator yet), a hole with a memmap, or a page on a per-CPU list."""
+
+    def __len__(self) -> int:
+        return len(self.buddy)
+
+
+def read_kpageflags(path: str | Path) -> PageFlags:
+    """Read a kpageflags snapshot (zstd/gzip/plain) into :class:`PageFlags`, streaming."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("buddy", "uptodate", "nopage", "offline", "no_flags")}
+    carry = b""
+    for piece in iter_raw(path):
+        data = carry + piece if carry else piece
+        cut = len(data) - len(data) % 8
+        carry = data[cut:]
+        if cut:
+            w = np.frombuffer(data, np.uint64, count=cut // 8)
+            b = np.frombuffer(data, np.uint8, count=cut)
+            parts["uptodate"].append((b[0::8] & (1 << KPF_UPTODATE)) != 0)
+            parts["buddy"].append((b[1::8] & (1 << (KPF_BUDDY - 8))) != 0)
+            b2 = b[2::8]
+            parts["nopage"].append((b2 & (1 << (KPF_NOPAGE - 16))) != 0)
+            parts["offline"].append((b2 & (1 << (KPF_OFFLINE - 16))) != 0)
+            parts["no_flags"].append(w == 0)
+    if carry:
+        raise TraceError("corrupt", "kpageflags snapshot is not a whole number of 8-byte entries", str(path))
+    if not parts["buddy"]:
+        raise TraceError("corrupt", "kpageflags snapshot is empty", str(path))
+    return PageFlags(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
 def _levels(mask: np.ndarray, max_order: int) -> list[np.ndarray]:
@@ -145,8 +196,9 @@ def read_buddyinfo(path: str | Path) -> dict:
 
 
 def parse_zoneinfo(text: str) -> list[dict]:
-    """Zone boundaries from /proc/zoneinfo: [{"node", "zone", "start_pfn", "spanned", "present",
-    "managed", "free"}], in file order."""
+    """Zones from /proc/zoneinfo, in file order: [{"node", "zone", "start_pfn", "spanned",
+    "present", "managed", "free", "min", "low", "high", "protection"}] (the watermarks in pages,
+    ``protection`` the lowmem_reserve array); keys a zone's text lacks are absent."""
     zones: list[dict] = []
     cur: dict | None = None
     for line in text.splitlines():
@@ -158,10 +210,12 @@ def parse_zoneinfo(text: str) -> list[dict]:
         if cur is None:
             continue
         s = line.split()
-        if len(s) >= 2 and s[0] in ("spanned", "present", "managed") and s[1].isdigit():
-            cur[s[0]] = int(s[1])
+        if len(s) >= 2 and s[0] in ("spanned", "present", "managed", "min", "low", "high") and s[1].isdigit():
+            cur.setdefault(s[0], int(s[1]))  # the first one: per-cpu sections repeat some names
         elif len(s) >= 3 and s[0] == "pages" and s[1] == "free":
             cur["free"] = int(s[2])
         elif len(s) >= 2 and s[0] == "start_pfn:":
             cur["start_pfn"] = int(s[1])
+        elif s and s[0] == "protection:":
+            cur["protection"] = [int(x) for x in re.findall(r"\d+", line)]
     return zones

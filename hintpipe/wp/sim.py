@@ -27,7 +27,7 @@ class SimWriteProtect:
 
     async def before_write(self, pfns: np.ndarray) -> None:
         """Deliver faults for the protected pages among ``pfns``; no checkpoint, so atomic."""
-        protected = ~self.state.written[pfns]
+        protected = ~self.state.is_written(pfns)
         if protected.any():
             self.fault_events += 1
             self.state.on_written(pfns[protected])

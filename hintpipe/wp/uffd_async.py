@@ -129,7 +129,7 @@ class AsyncUffdBackend(WpBackend):
     def _collect(self, pfns: np.ndarray, kind: str) -> None:
         if len(pfns):
             # read before on_written clears them; hints are applied on this (the trio) thread
-            self.scan_caught[kind] += int(np.count_nonzero(self.state.skip[pfns]))
+            self.scan_caught[kind] += int(np.count_nonzero(self.state.is_skip(pfns)))
             self.state.on_written(pfns)
 
     def start_round(self, index: int) -> None:

@@ -89,6 +89,8 @@ def frame(payload: bytes) -> bytes:
 # ---- the vectors ---------------------------------------------------------------------------
 
 HOST_ROUND = {"context": "host_round", "page_count": PAGE_COUNT, "cmd_id": CMD, "max_ranges": 32, "window": 4}
+KEEPALIVE = 0x1  # feature bit 0 (wire-v1 section 9.1)
+HOST_ROUND_KEEPALIVE = {**HOST_ROUND, "features": KEEPALIVE}
 
 VALID = [
     ("hello.bin", "Hello", [1, 1, 4096, PAGE_COUNT, 256, 0, "guest-0"], {"version": 1, "page_size": 4096, "page_count": PAGE_COUNT, "window": 256, "features": 0, "name": "guest-0"}),
@@ -109,6 +111,10 @@ VALID = [
     ),
     ("error.bin", "Error", [11, 7, "range 0 unaligned"], {"code": 7, "message": "range 0 unaligned"}),
     ("bye.bin", "Bye", [12, "migration complete"], {"reason": "migration complete"}),
+    ("hello_keepalive.bin", "Hello", [1, 1, 4096, PAGE_COUNT, 256, KEEPALIVE, "guest-0"], {"version": 1, "page_size": 4096, "page_count": PAGE_COUNT, "window": 256, "features": KEEPALIVE, "name": "guest-0"}),
+    ("welcome_keepalive.bin", "Welcome", [2, 1, 32, 64, KEEPALIVE], {"version": 1, "max_ranges": 32, "window": 64, "features": KEEPALIVE}),
+    ("ping.bin", "Ping", [13, 0], {"seq": 0}),
+    ("pong.bin", "Pong", [14, 0xFFFFFFFF], {"seq": 0xFFFFFFFF}),
 ]
 
 
@@ -149,6 +155,10 @@ INVALID = [
     ("bad_out_of_bounds.bin", frame(mp([5, CMD, ranges_bin([[0, 1], [PAGE_COUNT, 512]])])), "RANGE_OUT_OF_BOUNDS", HOST_ROUND, "[262144, 512] with page_count 262144"),
     ("bad_batch_too_large.bin", frame(mp([5, CMD, ranges_bin([[i, 1] for i in range(33)])])), "BATCH_TOO_LARGE", HOST_ROUND, "33 ranges, max_ranges 32"),
     ("bad_unknown_cmd_id.bin", frame(mp([5, CMD + 1, ranges_bin([[0, 1]])])), "UNKNOWN_COMMAND_ID", HOST_ROUND, "Hints under an id the host never issued"),
+    ("bad_ping_seq.bin", frame(mp([13, 2**32])), "BAD_FIELD", DECODER, "Ping seq 2**32 is not a u32"),
+    ("bad_ping_not_agreed.bin", frame(mp([13, 0])), "UNEXPECTED_MESSAGE", HOST_ROUND, "Ping on a connection without KEEPALIVE"),
+    ("bad_ping_twice.bin", frame(mp([13, 0])) + frame(mp([13, 1])), "CREDIT_EXCEEDED", HOST_ROUND_KEEPALIVE, "a second Ping before the first was answered"),
+    ("bad_pong_unsolicited.bin", frame(mp([14, 0])), "UNEXPECTED_MESSAGE", HOST_ROUND_KEEPALIVE, "Pong while the host has no Ping outstanding"),
 ]
 
 
