@@ -12,6 +12,9 @@ MEMORY_KINDS = ("sim", "real")
 """``sim``: a version per page; ``real``: page bytes in a memfd, compared byte for byte."""
 WP_CHOICES = ("sim", "uffd", "uffd-async", "auto", "off")
 """Values of ``--wp``."""
+BACKINGS = ("shmem", "hugetlb", "thp")
+"""What backs real guest RAM (``--backing``): 4 KiB shmem pages, 2 MiB hugetlbfs pages, or shmem
+advised to use transparent huge pages (:mod:`hintpipe.linux.backing`)."""
 WORKLOADS = ("churn", "idle", "race")
 """Synthetic guest workloads (``replay`` is a recorded kernel, chosen by ``hintpipe replay``);
 ``race`` is churn plus a guest aiming at hinting's races (:class:`~hintpipe.guest.workload.RaceWorkload`)."""
@@ -21,6 +24,8 @@ GUARDS = {
     "invalidate": "a write fault (or a scan that finds a write) clears the page's skip bit",
     "scan-before-send": "uffd-async: the full scan of written pages before each round's send set "
                         "is taken (the final one with the guest paused)",
+    "reclaim-check": "--reclaim: a backing page is discarded only while every page of it is hinted and "
+                     "unwritten since, checked under the lock write faults take",
 }
 """The host's safety guards, by the name ``--break`` takes, and what each does. Turning one off
 (``RunConfig.broken``) is a demonstration that the loss oracle catches what it protects against,

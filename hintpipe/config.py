@@ -15,7 +15,7 @@ from hintpipe.guest.workload import WorkloadConfig
 from hintpipe.host.migration import MigrationConfig
 from hintpipe.protocol import MAX_RANGES_PER_BATCH
 from hintpipe.units import MAX_ORDER
-from hintpipe.choices import GUARDS, MEMORY_KINDS, RACE_MODES, WP_CHOICES
+from hintpipe.choices import BACKINGS, GUARDS, MEMORY_KINDS, RACE_MODES, WP_CHOICES
 from hintpipe.wp import REAL_BACKENDS
 
 __all__ = ["RACE_MODES", "MEMORY_KINDS", "GUARDS", "RunConfig", "ReplayUsageError"]
@@ -45,6 +45,8 @@ class RunConfig:
     charge_holds: bool = True
     fixed_hold_s: float | None = None  # charge this per walker hold instead of the measured time
     baseline: bool = True  # also migrate the same guest without hinting, for comparison
+    reclaim: bool = False  # discard hinted free pages from the guest's memfd (hintpipe.host.reclaim)
+    backing: str = "shmem"  # what backs real guest RAM (BACKINGS)
 
     def __post_init__(self) -> None:
         if self.workload.kind == "replay" and self.race_mode != "detect":
@@ -71,6 +73,14 @@ class RunConfig:
         unknown = self.broken - set(GUARDS)
         if unknown:
             raise ValueError(f"unknown guard {sorted(unknown)[0]!r} (one of {', '.join(GUARDS)})")
+        if self.backing not in BACKINGS:
+            raise ValueError(f"backing must be one of {', '.join(BACKINGS)}, got {self.backing!r}")
+        if self.backing != "shmem" and self.memory != "real":
+            raise ValueError(f"--backing {self.backing} backs real guest RAM: use it with --memory real")
+        if self.backing == "hugetlb" and self.pages % 512:
+            raise ValueError("--backing hugetlb needs a guest size that is a multiple of 2M")
+        if "reclaim-check" in self.broken and not self.reclaim:
+            raise ValueError("the reclaim-check guard exists only with --reclaim")
         if "scan-before-send" in self.broken and (self.memory != "real" or self.wp not in ("uffd-async", "auto")):
             raise ValueError("the scan-before-send guard exists only with --memory real --wp uffd-async")
 

@@ -28,9 +28,11 @@ from hintpipe.guest.workload import Workload, make_workload, producer_hooks
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationEngine, MigrationResult, drive_migration
 from hintpipe.host.pagestate import HostPageState
+from hintpipe.host.reclaim import BackedPageState, Reclaimer, reclaim_refusal
 from hintpipe.host.session import HostSession
 from hintpipe.host.timeline import Timeline
-from hintpipe.linux.memfd import WORDS_PER_PAGE, GuestRam
+from hintpipe.linux.backing import backing_unit
+from hintpipe.linux.memfd import WORDS_PER_PAGE, GuestRam, verify_words
 from hintpipe.linux.userfaultfd import Userfaultfd, register_wp
 from hintpipe.progress import NO_PROGRESS, MigrationObserver, Progress, RoundProgress
 from hintpipe.protocol import Hello
@@ -116,6 +118,8 @@ class InProcessRun:
     wp: dict = field(default_factory=dict)
     timeline: Timeline | None = None
     broken: frozenset[str] = frozenset()
+    reclaim: dict | None = None
+    """What reclaim did (``--reclaim``), else None."""
 
     def figures(self) -> RunResult:
         """The run's figures for its report."""
@@ -125,7 +129,7 @@ class InProcessRun:
             guards=GuardFigures.of(self.broken, self.session.conn if self.session else None, self.state, self.wp),
             faults=self.state.faults, wp=self.wp, lock=self.zone.summary(),
             notifications=self.kicks, workload=asdict(self.workload.stats), wall_s=self.wall_s,
-            timeline=self.timeline, lock_samples_us=self.zone.samples_us())
+            timeline=self.timeline, lock_samples_us=self.zone.samples_us(), reclaim=self.reclaim)
 
 
 async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMachine | None = None,
@@ -145,29 +149,40 @@ async def migrate_guest(cfg: RunConfig, *, hinting: bool = True, machine: RealMa
     """
     if cfg.memory == "real" and machine is None:
         wp = resolve_backend(cfg.wp, "real")
-        with RealMachine(cfg.pages, wp) as own:
+        with RealMachine(cfg.pages, wp, backing=cfg.backing) as own:
             return await migrate_guest(replace(cfg, wp=wp), hinting=hinting, machine=own, observers=observers,
                                        workload=workload)
     wp_name = resolve_backend(cfg.wp, cfg.memory) if cfg.wp == "auto" else cfg.wp
     t_wall = time.perf_counter()
     n = cfg.pages
     alloc = BuddyAllocator(n)
-    state = HostPageState(n, refuse_written=cfg.guard_on("refuse-written"), invalidate=cfg.guard_on("invalidate"))
+    guards = dict(refuse_written=cfg.guard_on("refuse-written"), invalidate=cfg.guard_on("invalidate"))
+    reclaimer = intact = None
     if cfg.memory == "real":
         if machine.backend != wp_name:
             raise ValueError(f"machine registered for --wp {machine.backend}, config says {wp_name}")
+        state = BackedPageState(n, unit=backing_unit(machine.backing), **guards)
         machine.reset_dest()
         backend = make_backend(wp_name, state, scan_before_send=cfg.guard_on("scan-before-send"),
                                **machine.backend_kwargs())
         memory = RealGuestMemory(machine.guest)
         read_source, dest = machine.read_source, machine.dest
+        intact = lambda idx: machine.source_intact(idx, memory.versions[idx])  # noqa: E731
+        if cfg.reclaim and hinting:
+            refusal = reclaim_refusal(memory=cfg.memory, wp=wp_name, race_mode=cfg.race_mode)
+            if refusal:
+                backend.close()
+                raise ValueError(refusal)
+            reclaimer = Reclaimer(state, machine.guest.fd, backing=machine.backing,
+                                  check=cfg.guard_on("reclaim-check"))
     else:
+        state = HostPageState(n, **guards)
         backend = make_backend(wp_name, state)
         memory = GuestMemory(n)
         read_source, dest = (lambda idx: memory.versions[idx]), None
     try:
         return await _migrate(cfg, hinting, alloc, memory, state, backend, read_source, dest, t_wall, observers,
-                              workload)
+                              workload, reclaimer, intact)
     finally:
         backend.close()  # sync uffd: lifts all protection, so no later write can block
 
@@ -176,7 +191,8 @@ async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory:
                    state: HostPageState, backend: WpBackend,
                    read_source: Callable[[np.ndarray], np.ndarray], dest: np.ndarray | None,
                    t_wall: float, observers: Sequence[MigrationObserver],
-                   make_workload: Callable[..., Workload]) -> InProcessRun:
+                   make_workload: Callable[..., Workload], reclaimer: Reclaimer | None = None,
+                   source_intact: Callable[[np.ndarray], np.ndarray] | None = None) -> InProcessRun:
     zone = ZoneLock(charge_holds=cfg.charge_holds, fixed_hold_s=cfg.fixed_hold_s)
     workload = make_workload(cfg.workload, alloc, memory, zone)
     await workload.boot()  # before round 0: untracked, and round 0 sends everything anyway
@@ -186,24 +202,60 @@ async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory:
         walker = FreeListWalker(alloc, min_order=cfg.min_order, batch=cfg.batch,
                                 time_budget_us=cfg.time_budget_us, isolate=cfg.race_mode == "isolate")
         link = InProcessLink(cfg, walker, zone, cfg.pages, name="sim-guest", hooks=producer_hooks(workload))
+    vcpus, pause = workload.run, workload.gate.pause
+    if reclaimer is not None and link is not None:
+        vcpus, pause = _with_reclaim(reclaimer, link.session, cfg.race_mode, workload)
     engine = MigrationEngine(
         replace(cfg.migration, hinting=hinting),
         state,
         read_source=read_source,
         free_mask=lambda: alloc.free_mask,
-        pause_guest=workload.gate.pause,
+        pause_guest=pause,
         session=link.session if link else None,
         before_chunk=backend.before_chunk,
         start_round=backend.start_round,
         dest=dest,
         observers=observers,
         broken_guards=cfg.broken,
+        source_intact=source_intact,
     )
-    result = await migrate_in_process(engine, workload.run, link)
+    try:
+        result = await migrate_in_process(engine, vcpus, link)
+    finally:
+        if reclaimer is not None:
+            reclaimer.stop()
     timeline = next((o for o in observers if isinstance(o, Timeline)), None)
     return InProcessRun(result, state, alloc, memory, zone, workload, link.producer if link else None,
                         link.session if link else None, walker, time.perf_counter() - t_wall,
-                        link.kicks() if link else {}, backend.stats(), timeline, cfg.broken)
+                        link.kicks() if link else {}, backend.stats(), timeline, cfg.broken,
+                        reclaimer.figures.as_dict() if reclaimer is not None else None)
+
+
+def _with_reclaim(reclaimer: Reclaimer, session: HostSession, race_mode: str, workload: Workload):
+    """The guest's vCPUs and the engine's pause with reclaim running beside them.
+
+    ``isolate``: each applied frame is discarded before it is acked. ``detect``: applied frames are
+    queued and discarded every few ms of guest time while the vCPUs run. Reclaim stops for good
+    before the guest is paused for the stop-and-copy (and so before write-protect is lifted).
+    """
+    if race_mode == "isolate":
+        async def on_hints(ev) -> None:
+            await reclaimer.discard_now(ev.ranges[:, 0], ev.orders)
+    else:
+        async def on_hints(ev) -> None:
+            reclaimer.hinted(ev.ranges[:, 0], ev.orders)
+    session.on_hints = on_hints
+
+    async def vcpus() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reclaimer.run)
+            await workload.run()
+
+    async def pause() -> None:
+        await trio.to_thread.run_sync(reclaimer.stop)  # waits for a discard under way
+        await workload.gate.pause()
+
+    return vcpus, pause
 
 
 def run_demo(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> dict:
@@ -224,10 +276,17 @@ def demo_outcome(cfg: RunConfig, *, progress: Progress = NO_PROGRESS) -> RunOutc
     ``progress`` shows each run's rounds as they go."""
     import trio.testing  # here, not at the top: it imports pytest, 0.2 s that ``replay`` does not need
 
+    if cfg.reclaim and cfg.wp == "auto" and cfg.race_mode == "detect" and cfg.memory == "real":
+        cfg = replace(cfg, wp="uffd")  # auto's first choice, uffd-async, cannot reclaim in detect mode
     cfg = replace(cfg, wp=resolve_backend(cfg.wp, cfg.memory))
     if "scan-before-send" in cfg.broken and cfg.wp != "uffd-async":
         raise ValueError(f"the scan-before-send guard exists only with --wp uffd-async (this run uses {cfg.wp})")
-    machine = RealMachine(cfg.pages, cfg.wp, progress=progress) if cfg.memory == "real" else None
+    if cfg.reclaim:
+        refusal = reclaim_refusal(memory=cfg.memory, wp=cfg.wp, race_mode=cfg.race_mode)
+        if refusal:
+            raise ValueError(refusal)
+    machine = (RealMachine(cfg.pages, cfg.wp, backing=cfg.backing, progress=progress)
+               if cfg.memory == "real" else None)
 
     async def one(hinting: bool) -> InProcessRun:
         label = "with hinting" if hinting else "baseline (no hinting)"
@@ -260,10 +319,12 @@ class RealMachine:
     :attr:`uffd` holds the fd a host adapter is built from (``pid`` = this process).
     """
 
-    def __init__(self, page_count: int, backend: str, *, progress: Progress = NO_PROGRESS) -> None:
+    def __init__(self, page_count: int, backend: str, *, backing: str = "shmem",
+                 progress: Progress = NO_PROGRESS) -> None:
         self.page_count = page_count
         self.backend = backend
-        self.guest = GuestRam(page_count)
+        self.backing = backing
+        self.guest = GuestRam(page_count, backing=backing)
         self.uffd: Userfaultfd | None = None
         self.host: GuestRam | None = None
         self.dest = None
@@ -294,10 +355,16 @@ class RealMachine:
         """Source bytes of pages ``idx`` as (len(idx), 512) words, read through the host mapping."""
         return self.host.words[idx]
 
+    def source_intact(self, idx: np.ndarray, versions: np.ndarray) -> np.ndarray:
+        """Per page of ``idx``: does guest RAM hold the pattern of its last write (``versions``;
+        0 = never written, nothing to hold)?"""
+        return verify_words(self.host.words, idx, versions) | (versions == 0)
+
     def backend_kwargs(self) -> dict:
         """What :func:`hintpipe.wp.make_backend` needs for a real backend."""
         return {"ram_addr": self.guest.addr, "page_count": self.page_count,
-                "uffd_fd": self.uffd.fd if self.uffd else None, "pid": self.pid}
+                "uffd_fd": self.uffd.fd if self.uffd else None, "pid": self.pid,
+                "unit_pages": backing_unit(self.backing)}
 
     def close(self) -> None:
         """Close the uffd (unregisters), then both mappings (idempotent)."""

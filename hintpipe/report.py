@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from hintpipe.host.timeline import Timeline
 
 __all__ = ["HintFigures", "GuardFigures", "RunResult", "RunOutcome", "migration_figures", "run_report",
-           "replay_run_report", "format_summary", "format_replay", "format_policy_table", "guards_line"]
+           "replay_run_report", "format_summary", "format_replay", "format_policy_table", "guards_line",
+           "reclaim_line"]
 
 
 @dataclass
@@ -107,6 +108,8 @@ class RunResult:
     """The run's figures over time, when it was sampled (the charts of ``--report``)."""
     lock_samples_us: "dict[str, np.ndarray]" = field(default_factory=dict)
     """Recent zone lock samples in microseconds: ``hold`` (walker holds, empty ones included), ``alloc_wait``."""
+    reclaim: dict | None = None
+    """What reclaim did (:class:`~hintpipe.host.reclaim.ReclaimFigures`), None without ``--reclaim``."""
 
 
 @dataclass
@@ -140,7 +143,7 @@ def run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None) -> di
     """The JSON object of ``hintpipe demo --json`` and of each guest of ``hintpipe host`` (keys
     documented in the README); ``config.wp`` is the backend that tracked writes."""
     lock = run.lock
-    return {
+    rep = {
         "config": {
             "pages": cfg.pages,
             "gib": round(cfg.pages * PAGE_SIZE / 2**30, 3),
@@ -168,6 +171,11 @@ def run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None) -> di
         "workload_baseline": baseline.workload if baseline else None,
         "wall_s": round(run.wall_s + (baseline.wall_s if baseline else 0.0), 3),
     }
+    if run.reclaim is not None or cfg.backing != "shmem":
+        rep["config"]["backing"] = cfg.backing
+    if run.reclaim is not None:
+        rep["reclaim"] = run.reclaim
+    return rep
 
 
 def replay_run_report(cfg: RunConfig, run: RunResult, baseline: RunResult | None, *, trace: dict,
@@ -219,6 +227,8 @@ def format_summary(rep: dict) -> str:
     ]
     if "guards" in rep:
         lines.append(guards_line(rep["guards"]))
+    if rep.get("reclaim"):
+        lines.append(reclaim_line(rep["reclaim"]))
     lines += [
         f"zone lock         max hold {lk['max_hold_us']} us (p99 {lk['p99_hold_us']} us over {lk.get('batches', 0):,} "
         f"batches and {lk.get('empty_holds', 0):,} empty holds, walk start {lk.get('max_round_start_hold_us', 0)} us), "
@@ -229,8 +239,19 @@ def format_summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def reclaim_line(r: dict) -> str:
+    """The text summary's ``reclaim`` line: the host's memory for the guest, and what was discarded."""
+    frac = "" if r.get("reclaimed_fraction") is None else f" ({100 * r['reclaimed_fraction']:.1f}% of hinted)"
+    return (f"reclaim           host memory for the guest {r['host_rss_before_mib']:,.1f} -> min "
+            f"{r['host_rss_min_mib']:,.1f} -> {r['host_rss_after_mib']:,.1f} MiB ({r['backing']}); discarded "
+            f"{r['pages_discarded']:,} pages{frac}, refused {r['discards_refused_written']:,} written, "
+            f"{r['hints_too_small']:,} in hints smaller than a backing page")
+
+
 def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:,.3f} GiB"
+
+
 def guards_line(g: dict) -> str:
     """The text summary's ``guards`` line: how often each guard acted, and which were broken."""
     scan = "" if g.get("scan_caught_pages") is None else f", scans caught {g['scan_caught_pages']:,} pages"

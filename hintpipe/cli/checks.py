@@ -9,6 +9,7 @@ MemAvailable over a whole ``hintpipe demo``, both migrations, on the development
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from hintpipe.cli.options import UsageError
 
-__all__ = ["MEMORY_NEEDS", "memory_needed", "mem_available", "check_memory", "check_output_path",
+__all__ = ["huge_pages", "MEMORY_NEEDS", "memory_needed", "mem_available", "check_memory", "check_output_path",
            "check_charts", "write_charts"]
 
 MEMORY_NEEDS = {
@@ -74,6 +75,45 @@ def check_memory(cfg, *, what: str, available: int | None = None) -> None:
     hint = f"at most --size {_size(fits)} fits now" if fits >= 4 << 20 else "free some memory first"
     raise UsageError(f"--size {_size(guest)} with --memory {cfg.memory} needs about {_size(need)} of memory "
                      f"but this machine has {_size(available)} available; {hint}")
+
+
+@contextlib.contextmanager
+def huge_pages(cfg, *, reserve: bool = False):
+    """Around a run: ``--backing thp`` refused with a sentence where the kernel gives shmem no huge
+    pages; ``--backing hugetlb`` refused, naming how many huge pages to reserve, when too few are
+    free, unless ``reserve`` (``--reserve-huge-pages``): then the missing ones are reserved for the
+    run and ``nr_hugepages`` is put back afterwards."""
+    from hintpipe.linux.backing import NR_HUGEPAGES, huge_pages_needed, hugetlb_pool, reserve_huge_pages, thp_unavailable
+    from hintpipe.units import PAGE_SIZE
+
+    if cfg.backing == "thp" and (why := thp_unavailable()):
+        raise UsageError(why)
+    if cfg.backing != "hugetlb":
+        if reserve:
+            raise UsageError("--reserve-huge-pages applies to --backing hugetlb only")
+        yield
+        return
+    need = huge_pages_needed(cfg.pages * PAGE_SIZE)
+    pool = hugetlb_pool()
+    short = need - pool["available"]
+    if short <= 0:
+        yield
+        return
+    if not reserve:
+        raise UsageError(f"--backing hugetlb needs {need} free 2M huge pages for this guest but {pool['available']} "
+                         f"are free; reserve them as root with `echo {pool['total'] + short} > {NR_HUGEPAGES}` "
+                         "(and put the old value back afterwards), or add --reserve-huge-pages")
+    try:
+        ctx = reserve_huge_pages(short)
+        ctx.__enter__()
+    except PermissionError:
+        raise UsageError(f"--reserve-huge-pages needs root to write {NR_HUGEPAGES}") from None
+    except OSError as e:
+        raise UsageError(f"could not reserve {short} huge pages: {e}") from None
+    try:
+        yield
+    finally:
+        ctx.__exit__(None, None, None)
 
 
 def check_output_path(path: str, flag: str, *, folder: bool = False, force: bool = False,

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from hintpipe.choices import MEMORY_KINDS, WP_CHOICES
 from hintpipe.cli.options import (
-    NO_BASELINE_HELP, CommandFailed, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
+    NO_BASELINE_HELP, RECLAIM_HELP, CommandFailed, add_backing_options, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
     add_output_options, add_walker_options, command_parser, run_config_from, show_progress,
 )
 
@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write tracking: auto (default: best that works, uffd-async > uffd > sim; "
                         "always sim with --memory sim), sim (simulated faults), uffd (sync "
                         "userfaultfd), uffd-async (WP_ASYNC + PAGEMAP_SCAN), off (none: loses pages)")
+    m.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
+    add_backing_options(m)
     add_output_options(d, charts=True)
     d.add_argument("--no-baseline", action="store_true", help=NO_BASELINE_HELP)
     add_break_option(d)
@@ -51,11 +53,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         cfg = replace(run_config_from(args), memory=args.memory, wp=args.wp, baseline=not args.no_baseline,
-                      broken=frozenset(args.break_guards))
+                      broken=frozenset(args.break_guards), reclaim=args.reclaim, backing=args.backing)
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_charts(args)  # before any work: matplotlib there, --report and --plot writable
     check_memory(cfg, what="demo")
+    from hintpipe.cli.checks import huge_pages
+    with huge_pages(cfg, reserve=args.reserve_huge_pages):
+        return _run_demo(args, cfg)
+
+
+def _run_demo(args: argparse.Namespace, cfg) -> int:
+    from hintpipe.cli.checks import write_charts
     from hintpipe.inprocess import demo_outcome
     from hintpipe.progress import open_progress
     from hintpipe.report import format_summary
@@ -67,6 +76,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if cfg.wp != "uffd-async":
                 raise UsageError(f"the scan-before-send guard exists only with --wp uffd-async "
                                  f"(--wp auto picked {cfg.wp} here)")
+        if cfg.reclaim:  # refused combinations: one sentence before any memory is touched
+            from hintpipe.host.reclaim import reclaim_refusal
+
+            wp = "uffd" if cfg.wp == "auto" and cfg.memory == "real" and cfg.race_mode == "detect" else cfg.wp
+            cfg = replace(cfg, wp=resolve_backend(wp, cfg.memory))
+            if why := reclaim_refusal(memory=cfg.memory, wp=cfg.wp, race_mode=cfg.race_mode):
+                raise UsageError(why)
         with open_progress(show_progress(args)) as progress:
             out = demo_outcome(cfg, progress=progress)
     except UffdUnavailable as e:  # asked for by name and missing here: say what, never fall back

@@ -21,11 +21,11 @@ from dataclasses import replace
 from importlib import metadata
 
 from hintpipe import __version__
-from hintpipe.choices import GUARDS, MEMORY_KINDS, RACE_MODES, WORKLOADS, WP_CHOICES
+from hintpipe.choices import BACKINGS, GUARDS, MEMORY_KINDS, RACE_MODES, WORKLOADS, WP_CHOICES
 
 __all__ = ["UsageError", "CommandFailed", "version_text", "command_parser", "parse_size", "int_in",
            "float_at_least", "add_guest_options", "add_walker_options", "add_link_options",
-           "add_migration_options", "add_output_options", "SEED_HELP", "NO_BASELINE_HELP", "add_memory_options", "warn_other_side",
+           "add_migration_options", "add_output_options", "SEED_HELP", "NO_BASELINE_HELP", "RECLAIM_HELP", "add_backing_options", "add_memory_options", "warn_other_side",
            "run_config_from", "paired_config", "address_from", "secret_from", "show_progress", "add_break_option",
            "GUEST_DECIDES", "HOST_DECIDES"]
 
@@ -34,6 +34,20 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 MIN_GUEST_BYTES = 4 << 20
 SEED_HELP = "seed of the guest's random choices (default 1): same seed, same run"
 NO_BASELINE_HELP = "skip the second run, without hinting, that the figures are compared with"
+RECLAIM_HELP = ("discard hinted free pages from the guest's RAM memfd while it runs, so the host's memory "
+                "use drops; needs --memory real, refused with --wp off and with --wp uffd-async unless "
+                "the guest isolates hinted blocks (README: Reclaim)")
+BACKING_HELP = ("what backs real guest RAM: shmem (4 KiB pages, default), hugetlb (2 MiB pages from "
+                "/proc/sys/vm/nr_hugepages), thp (shmem with transparent huge pages, where the kernel "
+                "allows them)")
+RESERVE_HELP = ("with --backing hugetlb: reserve the huge pages the guest needs for this run (as root) "
+                "and put nr_hugepages back afterwards")
+
+
+def add_backing_options(g) -> None:
+    """``--backing`` and ``--reserve-huge-pages`` (the side that creates guest RAM)."""
+    g.add_argument("--backing", choices=BACKINGS, default="shmem", help=BACKING_HELP)
+    g.add_argument("--reserve-huge-pages", action="store_true", help=RESERVE_HELP)
 
 
 class UsageError(Exception):
@@ -239,6 +253,8 @@ def add_memory_options(p: argparse.ArgumentParser, *, host: bool) -> None:
                          "always sim with --memory sim), sim (faults over the link), uffd (sync "
                          "userfaultfd, the host handles faults), uffd-async (WP_ASYNC + PAGEMAP_SCAN by "
                          "the host), off (none: loses pages)"))
+    if not host:
+        add_backing_options(g)
 
 
 def warn_other_side(args: argparse.Namespace, names: tuple[str, ...], *, me: str, decider: str) -> None:
@@ -318,7 +334,9 @@ def paired_config(args: argparse.Namespace, *, guest: bool):
         wp = resolve_backend(args.wp, args.memory) if guest or args.wp != "auto" else args.wp
         # --break is the host's alone (the guest has no such option: it cannot turn a guard off)
         broken = frozenset(() if guest else args.break_guards)
-        return replace(run_config_from(args), memory=args.memory, wp=wp, broken=broken)
+        return replace(run_config_from(args), memory=args.memory, wp=wp, broken=broken,
+                       reclaim=not guest and getattr(args, "reclaim", False),
+                       backing=getattr(args, "backing", "shmem"))
     except UffdUnavailable as e:
         raise UsageError(e.reason) from None
     except ValueError as e:

@@ -12,7 +12,7 @@ import json
 import sys
 
 from hintpipe.cli.options import (
-    GUEST_DECIDES, HOST_DECIDES, UsageError, add_break_option, add_guest_options, add_link_options, add_memory_options,
+    GUEST_DECIDES, HOST_DECIDES, RECLAIM_HELP, UsageError, add_break_option, add_guest_options, add_link_options, add_memory_options,
     add_migration_options, add_output_options, add_walker_options, address_from, command_parser,
     float_at_least, int_in, paired_config, parse_size, secret_from, show_progress, warn_other_side,
 )
@@ -78,6 +78,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--idle-timeout", type=float_at_least(0), default=30.0, metavar="S", help=IDLE_HELP)
     add_migration_options(h)
     add_memory_options(h, host=True)
+    h.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
     add_guest_options(h, hidden=True)
     add_walker_options(h, hidden=True)
     add_link_options(h, hidden=True)
@@ -93,6 +94,13 @@ def cmd_guest(args: argparse.Namespace) -> int:
 
     cfg = paired_config(args, guest=True)
     check_memory(cfg, what="guest")
+    from hintpipe.cli.checks import huge_pages
+
+    with huge_pages(cfg, reserve=args.reserve_huge_pages):
+        return _run_guest(args, cfg)
+
+
+def _run_guest(args: argparse.Namespace, cfg) -> int:
     import trio
 
     from hintpipe.paired.guest import GuestOptions, guest_main
@@ -124,6 +132,11 @@ def cmd_host(args: argparse.Namespace) -> int:
         raise UsageError(f"listening on non-loopback {addr} requires --secret (or $HINTPIPE_SECRET)")
     if args.out:
         check_output_path(args.out, "--out", append=True)
+    if args.reclaim:  # the guest's race mode is its own: refuse what is unsafe in either mode
+        from hintpipe.host.reclaim import reclaim_refusal
+
+        if args.wp in ("uffd-async", "off") or args.memory != "real":
+            raise UsageError(reclaim_refusal(memory=args.memory, wp=args.wp, race_mode="detect"))
     cfg = paired_config(args, guest=False)
     import trio
 

@@ -169,7 +169,10 @@ class MigrationEngine:
     told of each round and chunk as it is done (:class:`~hintpipe.progress.MigrationObserver`:
     a progress bar, the report's time series).
     ``broken_guards`` names the host guards this run turned off (``--break``): such a run
-    demonstrates a loss and is never verified, whatever the oracle finds.
+    demonstrates a loss and is never verified, whatever the oracle finds. ``source_intact(idx)``
+    (optional, real memory) says per page whether the source still holds what the guest last
+    wrote there: the oracle counts a page lost when it does not, so a write destroyed at the
+    source (a discard by reclaim) is caught even where the copy matches the damaged source.
     """
 
     cfg: MigrationConfig
@@ -183,6 +186,7 @@ class MigrationEngine:
     dest: np.ndarray | None = None
     observers: Sequence[MigrationObserver] = ()
     broken_guards: frozenset[str] = frozenset()
+    source_intact: Callable[[np.ndarray], np.ndarray] | None = None
 
     @staticmethod
     def round_nbytes_for(page_count: int) -> int:
@@ -363,6 +367,8 @@ class MigrationEngine:
             for i in range(0, len(allocated), step):
                 idx = allocated[i:i + step]
                 differ = (self.dest[idx] != self.read_source(idx)).reshape(len(idx), -1).any(axis=1)
+                if self.source_intact is not None:
+                    differ |= ~self.source_intact(idx)
                 lost += int(np.count_nonzero(differ))
         self.result.allocated_pages = n_allocated
         self.result.lost_pages = lost

@@ -125,6 +125,12 @@ class HostPageState:
         self.flush()
         return self._skip.gather(pfns)
 
+    def skip_locked(self, pfns: np.ndarray) -> np.ndarray:
+        """``skip`` of each of ``pfns`` for a caller that already holds :attr:`lock` (staged
+        hints applied first): a check and what it decides in one hold (reclaim's discard)."""
+        self._flush_locked()
+        return self._skip.gather(pfns)
+
     def is_written(self, pfns: np.ndarray) -> np.ndarray:
         """``written`` of each of ``pfns``."""
         return self._written.gather(pfns)

@@ -69,6 +69,10 @@ class HostSession:
         self.fault_handler: Callable[[np.ndarray], Awaitable[None]] | None = None
         """For guests whose write faults cross the link: called with a Fault's pfns, which must be
         marked written before it returns; the session then answers FaultDone."""
+        self.on_hints: Callable[[Hints], Awaitable[None]] | None = None
+        """Called with each applied Hints frame before it is acked (reclaim: in isolate mode the
+        guest keeps the frame's blocks off its free lists until the ack, so a discard made here
+        cannot race a write)."""
 
     async def _send(self, frame: bytes) -> None:
         """Send one frame; a guest that leaves it unread for ``send_timeout_s`` is dropped.
@@ -187,6 +191,8 @@ class HostSession:
     async def _handle(self, ev) -> None:
         if isinstance(ev, Hints):
             self.state.stage_hints(ev.ranges)  # acked once the buffer is drained
+            if self.on_hints is not None:  # e.g. reclaim: done before the frame's ack goes out
+                await self.on_hints(ev)
         elif isinstance(ev, StaleHints):
             pass  # dropped; acked with the others
         elif isinstance(ev, RoundEnd):

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from hintpipe.linux.backing import advise_mapping, backing_of, memfd_flags
 from hintpipe.units import PAGE_SIZE
 
 __all__ = ["GuestRam", "page_pattern", "verify_words", "write_pages_nogil", "sealed_memfd",
@@ -32,13 +33,14 @@ _MIX_P = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_V = np.uint64(0x94D049BB133111EB)
 
 
-def sealed_memfd(size: int, name: str) -> int:
-    """A new memfd of ``size`` bytes sealed against shrinking, growing and further sealing.
+def sealed_memfd(size: int, name: str, *, backing: str = "shmem") -> int:
+    """A new memfd of ``size`` bytes sealed against shrinking, growing and further sealing
+    (``backing``: see :mod:`hintpipe.linux.backing`).
 
     A peer that maps it can rely on its size: a truncation of a mapped memfd would make the
     mapper's next access die with SIGBUS, and the kernel refuses it under F_SEAL_SHRINK.
     """
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | memfd_flags(backing))
     try:
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
@@ -66,25 +68,35 @@ class GuestRam:
 
     ``GuestRam(n)`` creates a new memfd; ``GuestRam(n, fd=fd)`` maps an existing
     one (e.g. received from the other process; the fd is dup'ed, the caller keeps
-    its own).  Attributes: ``fd``, ``addr`` (virtual address of this mapping, for
+    its own).  ``backing`` (a new memfd): ``shmem``, ``hugetlb`` (2 MiB pages from the
+    hugetlb pool; ``page_count`` a multiple of 512) or ``thp`` (see
+    :mod:`hintpipe.linux.backing`).  Attributes: ``fd``, ``addr`` (virtual address of this mapping, for
     UFFDIO_REGISTER / PAGEMAP_SCAN in *this* process), ``pages`` (uint8 view
     (page_count, 4096)) and ``words`` (uint64 view (page_count, 512)).
     """
 
-    def __init__(self, page_count: int, *, fd: int | None = None, name: str = "hintpipe-guest-ram"):
+    def __init__(self, page_count: int, *, fd: int | None = None, name: str = "hintpipe-guest-ram",
+                 backing: str = "shmem"):
         if page_count <= 0:
             raise ValueError("page_count must be positive")
         self.page_count = page_count
         self.size = page_count * PAGE_SIZE
+        self.backing = backing
         if fd is None:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, self.size)
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC | memfd_flags(backing))
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                os.close(self.fd)
+                raise
         else:
             if os.fstat(fd).st_size < self.size:
                 raise ValueError(f"memfd is smaller than {page_count} pages")
             self.fd = os.dup(fd)
+            self.backing = backing_of(fd) if backing == "shmem" else backing
         self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
                                mmap.PROT_READ | mmap.PROT_WRITE)
+        advise_mapping(self._mmap, backing)
         anchor = ctypes.c_char.from_buffer(self._mmap)
         self.addr = ctypes.addressof(anchor)
         del anchor  # release the buffer export at once so close() can unmap

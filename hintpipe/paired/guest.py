@@ -121,15 +121,15 @@ async def run_guest(opts: GuestOptions) -> GuestOutcome:
         region = SharedRegion.create(n)
     try:
         if cfg.memory == "real":  # resolves --wp; UffdUnavailable propagates (CLI: exit 2)
-            real = GuestRealRam(n, cfg.wp)
+            real = GuestRealRam(n, cfg.wp, cfg.backing)
         alloc = BuddyAllocator(n)
         region.free[:] = alloc.free_mask
         alloc.free_mask = region.free  # the allocator now keeps its free mask in shared memory
-        if real is not None:  # page bytes in the RAM memfd; versions stay private (the host reads bytes)
-            memory = RealGuestMemory(real.ram)
+        if real is not None:  # page bytes in the RAM memfd; the versions shared too, so the host's
+            memory = RealGuestMemory(real.ram)  # oracle can check guest RAM holds the last writes
         else:
             memory = GuestMemory(n)
-            memory.versions = region.versions
+        memory.versions = region.versions
         zone = ZoneLock(charge_holds=cfg.charge_holds)
         workload = make_workload(cfg.workload, alloc, memory, zone)
         await workload.boot()  # nothing is protected yet: boot writes fault nothing

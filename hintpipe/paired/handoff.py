@@ -34,6 +34,7 @@ import numpy as np
 import trio
 
 from hintpipe.host.pagestate import HostPageState
+from hintpipe.linux.backing import backing_unit
 from hintpipe.linux.fdpass import peer_pid, received_fds, scm_rights
 from hintpipe.linux.memfd import WORDS_PER_PAGE, GuestRam, sealed_memfd
 from hintpipe.linux.userfaultfd import Userfaultfd, is_userfaultfd, register_wp
@@ -108,12 +109,12 @@ class GuestRealRam:
     :class:`~hintpipe.linux.userfaultfd.UffdUnavailable` for a named backend this kernel lacks).
     """
 
-    def __init__(self, page_count: int, wp: str) -> None:
+    def __init__(self, page_count: int, wp: str, backing: str = "shmem") -> None:
         self.page_count = page_count
         self.backend = resolve_backend(wp, "real")
-        fd = sealed_memfd(page_count * PAGE_SIZE, "hintpipe-guest-ram")
+        fd = sealed_memfd(page_count * PAGE_SIZE, "hintpipe-guest-ram", backing=backing)
         try:
-            self.ram = GuestRam(page_count, fd=fd)  # dups: the mapping keeps its own fd
+            self.ram = GuestRam(page_count, fd=fd, backing=backing)  # dups: the mapping keeps its own fd
         finally:
             os.close(fd)
         self.uffd: Userfaultfd | None = None
@@ -275,7 +276,7 @@ class HostRealMemory:
                                   f"has; the guest uses --wp {rx.info.backend}")
         self.info = rx.info
         self.page_count = n
-        self.ram = GuestRam(n, fd=rx.memfd)  # our own mapping: reads never fault
+        self.ram = GuestRam(n, fd=rx.memfd)  # our own mapping: reads never fault (its backing: the fd's)
         self.backend: WpBackend | None = None
         try:
             self.dest = np.empty((n, WORDS_PER_PAGE), dtype=np.uint64)
@@ -283,7 +284,8 @@ class HostRealMemory:
             if rx.info.backend != "sim":
                 self.backend = make_backend(rx.info.backend, state, ram_addr=rx.info.addr,
                                             page_count=n, uffd_fd=rx.uffd_fd, pid=rx.info.pid,
-                                            scan_before_send=scan_before_send)
+                                            scan_before_send=scan_before_send,
+                                            unit_pages=backing_unit(self.ram.backing))
         except BaseException:
             self.ram.close()
             raise

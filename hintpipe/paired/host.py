@@ -33,6 +33,9 @@ from hintpipe.config import RACE_MODES, RunConfig
 from hintpipe.guest.workload import WorkloadStats
 from hintpipe.host.migration import MigrationEngine, drive_migration
 from hintpipe.host.pagestate import HostPageState
+from hintpipe.host.reclaim import BackedPageState, Reclaimer, reclaim_refusal
+from hintpipe.linux.backing import backing_of, backing_unit
+from hintpipe.linux.memfd import verify_words
 from hintpipe.host.session import GuestGone, HostSession
 from hintpipe.linux.malloc import trim as trim_malloc
 from hintpipe.paired.barrier import GuestLeft, GuestStuck, HostControl
@@ -334,8 +337,13 @@ class GuestServer:
                               first_cmd_id=CMD_ID_BASE + ((conn - 1) % 32768) * 65536)
 
         def page_state(pages: int) -> HostPageState:
-            return HostPageState(pages, refuse_written=cfg.guard_on("refuse-written"),
-                                 invalidate=cfg.guard_on("invalidate"))
+            guards = dict(refuse_written=cfg.guard_on("refuse-written"), invalidate=cfg.guard_on("invalidate"))
+            if rx is None:
+                return HostPageState(pages, **guards)
+            unit = backing_unit(backing_of(rx.memfd))  # a write marks its whole backing page
+            if pages % unit:
+                raise RegionError(f"a hugetlb guest must be a whole number of 2M pages, not {pages} pages")
+            return BackedPageState(pages, unit=unit, **guards)
         regions: list[SharedRegion] = []
 
         def make_state(hello: Hello) -> HostPageState:
@@ -409,6 +417,9 @@ class GuestServer:
                 except (RealMemoryError, ValueError, OSError) as e:
                     await refuse(ErrorCode.UNSUPPORTED, f"guest RAM unusable: {e}", hello)
                     return
+                if cfg.reclaim and (why := reclaim_refusal(memory="real", wp=real.name, race_mode="detect")):
+                    await refuse(ErrorCode.UNSUPPORTED, f"this host reclaims guest memory: {why}", hello)
+                    return
             await self._migrate(ep, gid, session, hello, region, real, admission.reservation)
         finally:
             if real is not None:
@@ -432,11 +443,29 @@ class GuestServer:
             await control.barrier(state.begin_first_round if index == 0 else state.begin_round)
 
         kernel_wp = real is not None and real.backend is not None
+        pause, reclaimer, intact = control.pause, None, None
+        if real is not None:
+            def intact(idx: np.ndarray) -> np.ndarray:
+                v = region.versions[idx]  # the guest's own record of its writes
+                return verify_words(real.ram.words, idx, v) | (v == 0)
+        if real is not None and opts.cfg.reclaim:
+            # every applied frame is discarded before it is acked: under the check in detect
+            # mode, and an isolating guest keeps its blocks until the ack (protocols/wire-v1.md)
+            reclaimer = Reclaimer(state, real.ram.fd, backing=real.ram.backing, check=opts.cfg.guard_on("reclaim-check"))
+
+            async def on_hints(ev) -> None:
+                await reclaimer.discard_now(ev.ranges[:, 0], ev.orders)
+
+            session.on_hints = on_hints
+
+            async def pause() -> None:
+                await trio.to_thread.run_sync(reclaimer.stop)
+                await control.pause()
         engine = MigrationEngine(
             opts.cfg.migration, state,
             read_source=real.read_source if real is not None else lambda idx: region.versions[idx],
             free_mask=lambda: region.free,  # the engine copies what it keeps (one copy a round)
-            pause_guest=control.pause,
+            pause_guest=pause,
             session=session,
             # uffd/uffd-async/off: no barrier, the kernel's protection needs none (HostRealMemory)
             start_round=real.start_round if kernel_wp else start_round,
@@ -444,11 +473,14 @@ class GuestServer:
             dest=real.dest if real is not None else None,
             observers=(rounds := RoundProgress(self.progress, f"guest {gid} {hello.name!r}"),),
             broken_guards=opts.cfg.broken,
+            source_intact=intact,
         )
         t0 = time.perf_counter()
         wp_stats: dict = {}
 
         def stop_tracking() -> None:
+            if reclaimer is not None:  # before protection is lifted
+                reclaimer.stop()
             if kernel_wp:  # before releasing the guest: no writer left blocked
                 wp_stats.update(real.stop())
 
@@ -481,8 +513,12 @@ class GuestServer:
                         guards=GuardFigures.of(opts.cfg.broken, session.conn, state, wp), faults=state.faults,
                         wp=wp, lock={k: _num(lock.get(k)) for k in _LOCK_KEYS},
                         notifications=_notifications(ep, gstats), workload=asdict(workload),
-                        wall_s=time.perf_counter() - t0)
-        rep = run_report(_report_config(opts.cfg, hello.page_count, _section(gstats, "config")), run, None)
+                        wall_s=time.perf_counter() - t0,
+                        reclaim=reclaimer.figures.as_dict() if reclaimer is not None else None)
+        cfg = _report_config(opts.cfg, hello.page_count, _section(gstats, "config"))
+        if real is not None:
+            cfg = replace(cfg, backing=real.ram.backing)
+        rep = run_report(cfg, run, None)
         rep["status"] = status
         rep["reason"] = reason
         rep["transport"] = opts.address.kind

@@ -170,12 +170,14 @@ def resolve_backend(requested: str, memory: str = "real") -> str:
 
 def make_backend(name: str, state: HostPageState, *, ram_addr: int | None = None,
                  page_count: int | None = None, uffd_fd: int | None = None,
-                 pid: int | None = None, scan_before_send: bool = True) -> WpBackend:
+                 pid: int | None = None, scan_before_send: bool = True, unit_pages: int = 1) -> WpBackend:
     """Build the backend ``name`` (already resolved: not ``auto``) for ``state``.
 
     Real backends need ``ram_addr`` (the guest's mapping address), ``page_count`` and
     ``uffd_fd``; ``uffd-async`` also the guest's ``pid``. ``scan_before_send=False`` turns the
     uffd-async round-start scan off (a demonstration; the other backends do not scan).
+    ``unit_pages``: guest pages per backing page of the guest's memfd (512 on hugetlb), the
+    granularity real backends protect and scan at.
     """
     if name == "sim":
         return SimBackend(state)
@@ -187,7 +189,8 @@ def make_backend(name: str, state: HostPageState, *, ram_addr: int | None = None
         raise ValueError(f"--wp {name} needs the guest's uffd and RAM address")
     n = state.page_count if page_count is None else page_count
     if name == "uffd":
-        return SyncUffdBackend(state, ram_addr, n, uffd_fd)
+        return SyncUffdBackend(state, ram_addr, n, uffd_fd, unit_pages=unit_pages)
     if pid is None:
         raise ValueError("--wp uffd-async needs the guest's pid (for /proc/PID/pagemap)")
-    return AsyncUffdBackend(state, ram_addr, n, uffd_fd, pid, scan_before_send=scan_before_send)
+    return AsyncUffdBackend(state, ram_addr, n, uffd_fd, pid, scan_before_send=scan_before_send,
+                            unit_pages=unit_pages)

@@ -28,9 +28,11 @@ class UffdAsyncTracker(UffdRange):
     only the chunk about to be sent (:meth:`written_in`).
     """
 
-    def __init__(self, ram_addr: int, page_count: int, uffd_fd: int, pid: int):
+    def __init__(self, ram_addr: int, page_count: int, uffd_fd: int, pid: int, *, unit_pages: int = 1):
         super().__init__(ram_addr, page_count, uffd_fd)
         self.pid = pid
+        # pages per backing page: on hugetlb a scan over part of a 2 MiB page reports nothing
+        self.unit_pages = unit_pages
         self.scans = 0
         self._scanner = PagemapScanner(pid)
 
@@ -61,6 +63,8 @@ class UffdAsyncTracker(UffdRange):
             raise ValueError("scan range outside guest RAM")
         if start == stop:
             return np.empty(0, dtype=np.int64)
+        u = self.unit_pages
+        start, stop = start // u * u, -(-stop // u) * u  # whole backing pages
         starts, counts = self._scanner.written_ranges(self.ram_addr + start * PAGE_SIZE, stop - start)
         self.scans += 1
         self.protect_calls += 1
@@ -114,11 +118,11 @@ class AsyncUffdBackend(WpBackend):
     attribute so that a measurement can compare runs without it."""
 
     def __init__(self, state: HostPageState, ram_addr: int, page_count: int, uffd_fd: int,
-                 pid: int, *, scan_before_send: bool = True) -> None:
+                 pid: int, *, scan_before_send: bool = True, unit_pages: int = 1) -> None:
         super().__init__(state)
         if page_count != state.page_count:
             raise ValueError("guest RAM and page state disagree on the page count")
-        self.tracker = UffdAsyncTracker(ram_addr, page_count, uffd_fd, pid)
+        self.tracker = UffdAsyncTracker(ram_addr, page_count, uffd_fd, pid, unit_pages=unit_pages)
         self.scan_before_send = scan_before_send
         self.scan_caught = {"chunk": 0, "round_end": 0, "round_start": 0}
 

@@ -123,7 +123,7 @@ class UffdSyncTracker:
                  on_fault: Callable[[np.ndarray], None], *, start: bool = True,
                  spin_us: float = DEFAULT_SPIN_US,
                  switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
-                 lock=None, record_first: bool = True) -> None:
+                 lock=None, record_first: bool = True, unit_pages: int = 1) -> None:
         if page_count <= 0:
             raise ValueError("page_count must be positive")
         if spin_us < 0 or (switch_interval is not None and switch_interval <= 0):
@@ -135,6 +135,9 @@ class UffdSyncTracker:
         self.spin_s = spin_us * 1e-6
         self.switch_interval = switch_interval
         self.record_first = record_first
+        self.unit_pages = unit_pages
+        """Guest pages per backing page of the RAM memfd (512 on hugetlb): protection is lifted
+        a whole backing page at a time."""
         self._maps = [_Mapping(uffd_fd, ram_addr)]
         self.faults = 0           # WP fault messages inside guest RAM handled
         self.foreign_faults = 0   # WP faults outside [ram_addr, end): released, not reported
@@ -366,7 +369,15 @@ class UffdSyncTracker:
     def _release(self, m: _Mapping) -> None:
         """Clear WP on the batch's pages of mapping ``m`` (waking its writers), runs merged."""
         pfns = m.pfns
-        if len(pfns) == 1:
+        u = self.unit_pages
+        if u > 1:  # whole backing pages (hugetlb): clearing WP on part of one is EINVAL
+            runs = []
+            for unit in sorted({p // u for p in pfns}):
+                if runs and runs[-1][0] + runs[-1][1] == unit * u:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + u)
+                else:
+                    runs.append((unit * u, u))
+        elif len(pfns) == 1:
             runs = [(pfns[0], 1)]
         elif len(pfns) <= _SMALL:
             runs = []
@@ -452,11 +463,12 @@ class SyncUffdBackend(WpBackend):
 
     name = "uffd"
 
-    def __init__(self, state: HostPageState, ram_addr: int, page_count: int, uffd_fd: int) -> None:
+    def __init__(self, state: HostPageState, ram_addr: int, page_count: int, uffd_fd: int, *,
+                 unit_pages: int = 1) -> None:
         super().__init__(state)
         if page_count != state.page_count:
             raise ValueError("guest RAM and page state disagree on the page count")
-        self.tracker = UffdSyncTracker(ram_addr, page_count, uffd_fd, state.on_written)
+        self.tracker = UffdSyncTracker(ram_addr, page_count, uffd_fd, state.on_written, unit_pages=unit_pages)
 
     @property
     def lock(self):
