@@ -249,3 +249,39 @@ def test_isolate_release_after_stop_is_rereported_next_round():
     for p in held.tolist():
         a.free(p, MAX_ORDER)
     a.check_invariants()
+
+
+def test_a_walk_imports_nothing_inside_its_holds():
+    """A hold must not import a module: an import costs milliseconds of CPU inside the zone lock
+    (np.unique's first call imports numpy.ma: a 10-20 ms hold in the demo). A fresh interpreter
+    walks a guest whose blocks of two orders are freed mid-walk (the insert-log path) and checks
+    that no module appeared during its batches."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys
+from hintpipe.guest.buddy import BuddyAllocator
+from hintpipe.guest.walker import FreeListWalker
+a = BuddyAllocator(1 << 14)
+heads = [a.alloc(10) for _ in range(8)] + [a.alloc(9) for _ in range(8)]
+w = FreeListWalker(a, min_order=9, batch=2, time_budget_us=1e9)
+w.start_round()
+before = set(sys.modules)
+w.next_batch()
+for p in heads[:4]:
+    a.free(p, 10)
+for p in heads[8:12]:
+    a.free(p, 9)
+n = 0
+while not w.done:
+    n += len(w.next_batch()[0])
+new = sorted(set(sys.modules) - before)
+assert n > 0, n
+print(" ".join(new))
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"imported inside a hold: {out.stdout.strip()}"
