@@ -274,3 +274,22 @@ def test_trace_walker_blocks_are_the_buddy_decomposition(min_order):
         got |= set(zip(p.tolist(), o.tolist()))
     p, o = decompose(mask, min_order)
     assert got == set(zip(p.tolist(), o.tolist()))
+
+
+@pytest.mark.parametrize("reserve", [walker_mod.HOLD_RESERVE, 0.0])
+def test_steps_stop_short_of_the_budget_by_its_reserve(monkeypatch, reserve):
+    """Steps of a constant cost stop once the next one would reach into the reserve the hold
+    keeps for its work around the steps; without a reserve they run up to the budget."""
+    monkeypatch.setattr(walker_mod, "HOLD_RESERVE", reserve)
+    now = [0.0]
+    budget = walker_mod.HoldBudget(200e-6, lambda: now[0])
+    budget.begin()
+    steps = 0
+    while True:
+        now[0] += 10e-6  # every step costs 10 us
+        steps += 1
+        if budget.step_done():
+            break
+    end_us = budget.finish() * 1e6
+    assert end_us == pytest.approx(200 * (1 - reserve), abs=10)  # stopped within one step of it
+    assert end_us <= 200 * (1 - reserve) + 1e-6
