@@ -414,7 +414,7 @@ RUNNERS = {"summary": sec_summary, "demo": sec_demo, "lock": sec_lock, "realmem"
            "paired_real": sec_paired_real, "apply": sec_apply, "published": sec_published}
 
 
-README_BLOCK = re.compile(r"(<!-- figures:(\w+) -->\n).*?(\n<!-- /figures:\2 -->)", re.S)
+README_BLOCK = re.compile(r"(<!-- figures:(\w+) -->\n)(?:.*?\n)?(<!-- /figures:\2 -->)", re.S)
 """A block of the README that :func:`update_readme` rewrites: the lines between
 ``<!-- figures:SECTION -->`` and ``<!-- /figures:SECTION -->``."""
 
@@ -430,7 +430,7 @@ def update_readme(path: Path, sections: dict) -> list[str]:
         if name not in sections:
             return m.group(0)
         done.append(name)
-        return m.group(1) + sections[name]["text"] + m.group(3)
+        return m.group(1) + sections[name]["text"].rstrip("\n") + "\n" + m.group(3)
 
     new = README_BLOCK.sub(fill, text)
     if new != text:

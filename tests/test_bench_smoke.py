@@ -133,8 +133,10 @@ def test_figures_rewrite_only_the_readme_blocks_measured(tmp_path):
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- figures:demo -->\nold demo\n<!-- /figures:demo -->\nmiddle\n"
-                      "<!-- figures:lock -->\nold lock\n<!-- /figures:lock -->\nend\n")
-    assert figures.update_readme(readme, {"demo": {"text": "| new |\n| --- |"}}) == ["demo"]
+                      "<!-- figures:lock -->\nold lock\n<!-- /figures:lock -->\n"
+                      "<!-- figures:apply -->\n<!-- /figures:apply -->\nend\n")
+    assert figures.update_readme(readme, {"demo": {"text": "| new |\n| --- |"}, "apply": {"text": "| a |"}}) == ["demo", "apply"]
     text = readme.read_text()
     assert "| new |\n| --- |\n<!-- /figures:demo -->" in text and "old demo" not in text
     assert "old lock" in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "<!-- figures:apply -->\n| a |\n<!-- /figures:apply -->" in text  # an empty block is filled too
