@@ -46,6 +46,7 @@ class RunConfig:
     fixed_hold_s: float | None = None  # charge this per walker hold instead of the measured time
     baseline: bool = True  # also migrate the same guest without hinting, for comparison
     reclaim: bool = False  # discard hinted free pages from the guest's memfd (hintpipe.host.reclaim)
+    reclaim_for_s: float = 0.0  # guest time the host reclaims before the migration starts (hinting rounds of its own)
     backing: str = "shmem"  # what backs real guest RAM (BACKINGS)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class RunConfig:
             raise ValueError(f"--backing {self.backing} backs real guest RAM: use it with --memory real")
         if self.backing == "hugetlb" and self.pages % 512:
             raise ValueError("--backing hugetlb needs a guest size that is a multiple of 2M")
+        if self.reclaim_for_s < 0 or (self.reclaim_for_s and not self.reclaim):
+            raise ValueError("--reclaim-for needs --reclaim and a time of 0 s or more")
         if "reclaim-check" in self.broken and not self.reclaim:
             raise ValueError("the reclaim-check guard exists only with --reclaim")
         if "scan-before-send" in self.broken and (self.memory != "real" or self.wp not in ("uffd-async", "auto")):

@@ -28,7 +28,7 @@ from hintpipe.guest.workload import Workload, make_workload, producer_hooks
 from hintpipe.guest.zonelock import ZoneLock
 from hintpipe.host.migration import MigrationEngine, MigrationResult, drive_migration
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.host.reclaim import BackedPageState, Reclaimer, reclaim_refusal
+from hintpipe.host.reclaim import BackedPageState, Reclaimer, reclaim_refusal, reclaim_rounds
 from hintpipe.host.session import HostSession
 from hintpipe.host.timeline import Timeline
 from hintpipe.linux.backing import backing_unit
@@ -80,9 +80,11 @@ class InProcessLink:
 
 
 async def migrate_in_process(engine: MigrationEngine, vcpus: Callable[[], Awaitable[None]],
-                             link: InProcessLink | None) -> MigrationResult:
+                             link: InProcessLink | None,
+                             before: Callable[[], Awaitable[None]] | None = None) -> MigrationResult:
     """Migrate with ``engine`` while the guest's ``vcpus`` and (with hinting) its side of ``link``
-    run beside it; return the engine's result. Runs under any trio clock."""
+    run beside it; return the engine's result. ``before`` runs once the guest runs and before the
+    migration starts (rounds of reclaim alone). Runs under any trio clock."""
     state = engine.state
 
     def same_guest(hello: Hello) -> HostPageState:
@@ -95,7 +97,7 @@ async def migrate_in_process(engine: MigrationEngine, vcpus: Callable[[], Awaita
             guest.start_soon(link.run_guest)
             await link.session.handshake(same_guest)
         guest.start_soon(vcpus)
-        await drive_migration(engine)
+        await drive_migration(engine, before=before)
         guest.cancel_scope.cancel()
     return engine.result
 
@@ -203,8 +205,11 @@ async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory:
                                 time_budget_us=cfg.time_budget_us, isolate=cfg.race_mode == "isolate")
         link = InProcessLink(cfg, walker, zone, cfg.pages, name="sim-guest", hooks=producer_hooks(workload))
     vcpus, pause = workload.run, workload.gate.pause
+    before = None
     if reclaimer is not None and link is not None:
         vcpus, pause = _with_reclaim(reclaimer, link.session, cfg.race_mode, workload)
+        if cfg.reclaim_for_s > 0:
+            before = reclaim_rounds(reclaimer, link.session, backend.start_round, cfg.reclaim_for_s)
     engine = MigrationEngine(
         replace(cfg.migration, hinting=hinting),
         state,
@@ -220,7 +225,7 @@ async def _migrate(cfg: RunConfig, hinting: bool, alloc: BuddyAllocator, memory:
         source_intact=source_intact,
     )
     try:
-        result = await migrate_in_process(engine, vcpus, link)
+        result = await migrate_in_process(engine, vcpus, link, before)
     finally:
         if reclaimer is not None:
             reclaimer.stop()

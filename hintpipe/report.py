@@ -245,7 +245,9 @@ def reclaim_line(r: dict) -> str:
     return (f"reclaim           host memory for the guest {r['host_rss_before_mib']:,.1f} -> min "
             f"{r['host_rss_min_mib']:,.1f} -> {r['host_rss_after_mib']:,.1f} MiB ({r['backing']}); discarded "
             f"{r['pages_discarded']:,} pages{frac}, refused {r['discards_refused_written']:,} written, "
-            f"{r['hints_too_small']:,} in hints smaller than a backing page")
+            f"{r['hints_too_small']:,} in hints smaller than a backing page"
+            + (f"; {r['rounds_before_migration']} rounds before the migration, which began at "
+               f"{r['host_rss_at_migration_mib']:,.1f} MiB" if r.get("rounds_before_migration") else ""))
 
 
 def _gib(nbytes: int) -> str:

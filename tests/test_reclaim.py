@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -256,7 +257,7 @@ def test_punch_runs_frees_shmem_at_once():
 
 # ------------------------------------------------------------------ paired processes
 
-def _paired_reclaim(tmp_path, *guest_args: str) -> dict:
+def _paired_reclaim(tmp_path, *guest_args: str, host_args: tuple[str, ...] = ()) -> dict:
     """One ``hintpipe host --reclaim`` (sync uffd) and one racing guest process; the host's report."""
     import json
     import subprocess
@@ -266,7 +267,7 @@ def _paired_reclaim(tmp_path, *guest_args: str) -> dict:
     addr = f"unix:{tmp_path}/hp.sock"
     env = dict(os.environ, HINTPIPE_RUNTIME_DIR=str(tmp_path))
     host = subprocess.Popen([sys.executable, "-m", "hintpipe", "host", "--listen", addr, "--json", "--memory", "real",
-                             "--wp", "uffd", "--reclaim", "--bandwidth", "1", "--guests", "1"],
+                             "--wp", "uffd", "--reclaim", "--bandwidth", "1", "--guests", "1", *host_args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 20
@@ -295,6 +296,18 @@ def test_paired_host_reclaims_a_racing_guest_byte_exact(tmp_path):
     assert rep["status"] == "migrated" and rep["migration"]["lost_pages"] == 0
     r = rep["reclaim"]
     assert r["pages_discarded"] > 0 and r["host_rss_min_mib"] < r["host_rss_before_mib"]
+
+
+def test_paired_host_reclaims_before_it_migrates(tmp_path):
+    """``hintpipe host --reclaim --reclaim-for 2``: the host runs hinting rounds of its own for
+    two seconds while the guest process runs, discarding what it hints, and then migrates it
+    byte-exact."""
+    _need("uffd")
+    rep = _paired_reclaim(tmp_path, "--min-order", "4", host_args=("--reclaim-for", "2"))
+    assert rep["status"] == "migrated" and rep["migration"]["lost_pages"] == 0
+    r = rep["reclaim"]
+    assert r["rounds_before_migration"] >= 1 and r["pages_discarded"] > 0
+    assert r["host_rss_at_migration_mib"] < r["host_rss_before_mib"]
 
 
 def test_paired_hugetlb_guest_is_reclaimed_in_whole_huge_pages(tmp_path, huge_pages):
@@ -327,3 +340,22 @@ def test_too_few_huge_pages_says_how_many_to_reserve_and_reserves_nothing(monkey
     assert "--reserve-huge-pages" in err and "Traceback" not in err
     with open(backing.NR_HUGEPAGES) as f:
         assert f.read() == before
+
+
+def test_reclaim_before_the_migration_returns_memory_while_the_guest_runs():
+    """--reclaim-for: the host runs hinting rounds of its own before any migration round, the
+    guest's free memory goes back to the host while it runs, and the migration that follows
+    (its skip bits carried over from those rounds) still loses nothing."""
+    _need("uffd")
+    run = _migrate(replace(_cfg(1), reclaim_for_s=3.0))
+    assert run.result.lost_pages == 0 and run.result.verified
+    r = run.reclaim
+    assert r["rounds_before_migration"] >= 2  # rounds of about RECLAIM_ROUND_S in 3 s of guest time
+    assert r["host_rss_at_migration_mib"] <= r["host_rss_before_mib"] - 8  # MiB returned before any migration round
+    assert r["pages_discarded"] > 0
+
+
+def test_reclaim_before_the_migration_with_the_check_broken_loses_pages():
+    _need("uffd")
+    run = _migrate(replace(_cfg(1, broken={"reclaim-check"}), reclaim_for_s=3.0))
+    assert run.result.lost_pages > 0 and not run.result.verified

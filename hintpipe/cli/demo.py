@@ -8,8 +8,8 @@ from dataclasses import replace
 
 from hintpipe.choices import MEMORY_KINDS, WP_CHOICES
 from hintpipe.cli.options import (
-    NO_BASELINE_HELP, RECLAIM_HELP, CommandFailed, add_backing_options, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
-    add_output_options, add_walker_options, command_parser, run_config_from, show_progress,
+    NO_BASELINE_HELP, RECLAIM_FOR_HELP, RECLAIM_HELP, CommandFailed, add_backing_options, UsageError, add_break_option, add_guest_options, add_link_options, add_migration_options,
+    add_output_options, add_walker_options, command_parser, float_at_least, run_config_from, show_progress,
 )
 
 __all__ = ["add_parser", "cmd_demo"]
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "always sim with --memory sim), sim (simulated faults), uffd (sync "
                         "userfaultfd), uffd-async (WP_ASYNC + PAGEMAP_SCAN), off (none: loses pages)")
     m.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
+    m.add_argument("--reclaim-for", type=float_at_least(0), default=0.0, metavar="S", help=RECLAIM_FOR_HELP)
     add_backing_options(m)
     add_output_options(d, charts=True)
     d.add_argument("--no-baseline", action="store_true", help=NO_BASELINE_HELP)
@@ -53,7 +54,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         cfg = replace(run_config_from(args), memory=args.memory, wp=args.wp, baseline=not args.no_baseline,
-                      broken=frozenset(args.break_guards), reclaim=args.reclaim, backing=args.backing)
+                      broken=frozenset(args.break_guards), reclaim=args.reclaim, backing=args.backing,
+                      reclaim_for_s=args.reclaim_for)
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_charts(args)  # before any work: matplotlib there, --report and --plot writable

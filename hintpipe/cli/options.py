@@ -25,7 +25,7 @@ from hintpipe.choices import BACKINGS, GUARDS, MEMORY_KINDS, RACE_MODES, WORKLOA
 
 __all__ = ["UsageError", "CommandFailed", "version_text", "command_parser", "parse_size", "int_in",
            "float_at_least", "add_guest_options", "add_walker_options", "add_link_options",
-           "add_migration_options", "add_output_options", "SEED_HELP", "NO_BASELINE_HELP", "RECLAIM_HELP", "add_backing_options", "add_memory_options", "warn_other_side",
+           "add_migration_options", "add_output_options", "SEED_HELP", "NO_BASELINE_HELP", "RECLAIM_HELP", "RECLAIM_FOR_HELP", "add_backing_options", "add_memory_options", "warn_other_side",
            "run_config_from", "paired_config", "address_from", "secret_from", "show_progress", "add_break_option",
            "GUEST_DECIDES", "HOST_DECIDES"]
 
@@ -37,6 +37,8 @@ NO_BASELINE_HELP = "skip the second run, without hinting, that the figures are c
 RECLAIM_HELP = ("discard hinted free pages from the guest's RAM memfd while it runs, so the host's memory "
                 "use drops; needs --memory real, refused with --wp off and with --wp uffd-async unless "
                 "the guest isolates hinted blocks (README: Reclaim)")
+RECLAIM_FOR_HELP = ("with --reclaim: before migrating, reclaim for S seconds of the guest's time through "
+                    "hinting rounds of the host's own while the guest runs (default 0: only during the migration)")
 BACKING_HELP = ("what backs real guest RAM: shmem (4 KiB pages, default), hugetlb (2 MiB pages from "
                 "/proc/sys/vm/nr_hugepages), thp (shmem with transparent huge pages, where the kernel "
                 "allows them)")
@@ -336,6 +338,7 @@ def paired_config(args: argparse.Namespace, *, guest: bool):
         broken = frozenset(() if guest else args.break_guards)
         return replace(run_config_from(args), memory=args.memory, wp=wp, broken=broken,
                        reclaim=not guest and getattr(args, "reclaim", False),
+                       reclaim_for_s=0.0 if guest else getattr(args, "reclaim_for", 0.0),
                        backing=getattr(args, "backing", "shmem"))
     except UffdUnavailable as e:
         raise UsageError(e.reason) from None

@@ -12,7 +12,7 @@ import json
 import sys
 
 from hintpipe.cli.options import (
-    GUEST_DECIDES, HOST_DECIDES, RECLAIM_HELP, UsageError, add_break_option, add_guest_options, add_link_options, add_memory_options,
+    GUEST_DECIDES, HOST_DECIDES, RECLAIM_FOR_HELP, RECLAIM_HELP, UsageError, add_break_option, add_guest_options, add_link_options, add_memory_options,
     add_migration_options, add_output_options, add_walker_options, address_from, command_parser,
     float_at_least, int_in, paired_config, parse_size, secret_from, show_progress, warn_other_side,
 )
@@ -79,6 +79,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_migration_options(h)
     add_memory_options(h, host=True)
     h.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
+    h.add_argument("--reclaim-for", type=float_at_least(0), default=0.0, metavar="S", help=RECLAIM_FOR_HELP)
     add_guest_options(h, hidden=True)
     add_walker_options(h, hidden=True)
     add_link_options(h, hidden=True)

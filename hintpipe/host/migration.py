@@ -379,7 +379,8 @@ class MigrationEngine:
 async def drive_migration(engine: MigrationEngine, *, cancel_on_disconnect: bool = False,
                           aborts: tuple[type[BaseException], ...] = (),
                           before_done: Callable[[], None] | None = None,
-                          linger_s: float = 1.0) -> str | None:
+                          linger_s: float = 1.0,
+                          before: Callable[[], Awaitable[None]] | None = None) -> str | None:
     """Run ``engine`` while its session (if any, handshake done) serves the guest's frames, then
     tell the guest the verdict; return None when the migration ran to its end, else why not.
 
@@ -389,7 +390,8 @@ async def drive_migration(engine: MigrationEngine, *, cancel_on_disconnect: bool
     there hinting just stops). ``before_done`` runs before ``Done`` is sent (a sync userfaultfd
     backend lifts all protection there, so no guest writer stays blocked). After ``Done`` the
     guest has ``linger_s`` to read it and leave. Whether the migration verified is in
-    ``engine.result``.
+    ``engine.result``. ``before`` runs with the session serving, before the engine's first round
+    (a host's hinting rounds of reclaim alone).
     """
     session = engine.session
     failure: str | None = None
@@ -407,6 +409,8 @@ async def drive_migration(engine: MigrationEngine, *, cancel_on_disconnect: bool
                 nursery.start_soon(watch)
         with engine_scope:
             try:
+                if before is not None:
+                    await before()
                 await engine.run()
                 finished = True
             except aborts as e:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Awaitable, Callable
 
 import numpy as np
 import trio
@@ -45,7 +46,7 @@ from hintpipe.linux.backing import punch_runs, resident_bytes
 from hintpipe.units import PAGE_SIZE, order_pages, page_runs, run_pages
 
 __all__ = ["BackedPageState", "ReclaimFigures", "Reclaimer", "reclaim_refusal", "DISCARD_CHUNK_UNITS",
-           "DISCARD_INTERVAL_S"]
+           "DISCARD_INTERVAL_S", "RECLAIM_ROUND_S", "reclaim_rounds"]
 
 DISCARD_CHUNK_UNITS = 256
 """Backing pages checked and punched per hold of the page state's lock: bounds how long a write
@@ -53,6 +54,9 @@ fault can wait for a discard (the prototype measured 5-10 ms at most at load 4).
 DISCARD_INTERVAL_S = 0.01
 """``detect`` mode: hinted pages are discarded in batches this often (guest time), so the guest
 can reuse some of them in between, which the check must then refuse."""
+RECLAIM_ROUND_S = 1.0
+"""Guest time of a hinting round the host runs for reclaim alone (before a migration): the guest
+walks its free lists once a round (Linux's free page reporting looks every 2 s)."""
 _MIB = 1 << 20
 
 
@@ -69,6 +73,32 @@ def reclaim_refusal(*, memory: str, wp: str, race_mode: str, hinting: bool = Tru
                 "saw the page unwritten and the discard, and no kernel call discards only unwritten "
                 "pages; use --wp uffd, or --race-mode isolate")
     return None
+
+
+def reclaim_rounds(reclaimer: "Reclaimer", session, start_round: Callable[[int], Awaitable[None] | None],
+                   seconds: float) -> Callable[[], Awaitable[None]]:
+    """Reclaim before any migration (``--reclaim-for``): a coroutine function that, for ``seconds``
+    of the guest's time, runs hinting rounds of the host's own (:data:`RECLAIM_ROUND_S` each) on
+    ``session`` (a :class:`~hintpipe.host.session.HostSession` serving the guest), with
+    write-protect armed by ``start_round(index)`` as for a migration round, so the guest's hints
+    are discarded while it runs; it ends as the migration is to start. The skip bits these
+    rounds set stay valid into the migration: every page is protected from the first round on,
+    and a write clears its page's skip."""
+    async def run() -> None:
+        end = trio.current_time() + seconds
+        index = 0
+        while trio.current_time() < end:
+            started = start_round(index)
+            if started is not None:
+                await started
+            await session.start_round()
+            await trio.sleep(min(RECLAIM_ROUND_S, max(0.0, end - trio.current_time())))
+            await session.stop_round()
+            index += 1
+            reclaimer.figures.rounds_before_migration = index
+        reclaimer.migration_starts()
+
+    return run
 
 
 class BackedPageState(HostPageState):
@@ -133,14 +163,19 @@ class ReclaimFigures:
     host_rss_after_mib: float = 0.0
     """... when reclaim stopped (before the stop-and-copy)."""
     check: bool = True
+    rounds_before_migration: int = 0
+    """Hinting rounds the host ran for reclaim alone, before the migration began (``--reclaim-for``)."""
+    host_rss_at_migration_mib: float | None = None
+    """The memfd's resident size when the migration began (None: reclaim started with it)."""
     """False: the reclaim-check guard was broken for this run (a demonstration)."""
 
     def as_dict(self) -> dict:
         """JSON-ready."""
         d = asdict(self)
         for k in ("max_lock_hold_us", "isolate_wait_ms", "isolate_max_wait_ms", "host_rss_before_mib",
-                  "host_rss_min_mib", "host_rss_after_mib"):
-            d[k] = round(d[k], 3)
+                  "host_rss_min_mib", "host_rss_after_mib", "host_rss_at_migration_mib"):
+            if d[k] is not None:
+                d[k] = round(d[k], 3)
         if self.pages_hinted:
             d["reclaimed_fraction"] = round(self.pages_discarded / self.pages_hinted, 4)
         return d
@@ -275,6 +310,10 @@ class Reclaimer:
             return self.state.skip_locked(units)
         pages = run_pages(units << self.state.unit_shift, np.full(len(units), self.unit))
         return self.state.skip_locked(pages).reshape(-1, self.unit).all(axis=1)
+
+    def migration_starts(self) -> None:
+        """Note the memfd's resident size as the migration begins (after rounds of reclaim alone)."""
+        self.figures.host_rss_at_migration_mib = resident_bytes(self.fd) / _MIB
 
     def _note_rss(self, *, final: bool = False) -> None:
         rss = resident_bytes(self.fd) / _MIB

@@ -33,7 +33,7 @@ from hintpipe.config import RACE_MODES, RunConfig
 from hintpipe.guest.workload import WorkloadStats
 from hintpipe.host.migration import MigrationEngine, drive_migration
 from hintpipe.host.pagestate import HostPageState
-from hintpipe.host.reclaim import BackedPageState, Reclaimer, reclaim_refusal
+from hintpipe.host.reclaim import BackedPageState, Reclaimer, reclaim_refusal, reclaim_rounds
 from hintpipe.linux.backing import backing_of, backing_unit
 from hintpipe.linux.memfd import verify_words
 from hintpipe.host.session import GuestGone, HostSession
@@ -484,10 +484,14 @@ class GuestServer:
             if kernel_wp:  # before releasing the guest: no writer left blocked
                 wp_stats.update(real.stop())
 
+        before = None
+        if reclaimer is not None and opts.cfg.reclaim_for_s > 0:
+            # real memory only: the kernel's write-protect needs no barrier (HostRealMemory)
+            before = reclaim_rounds(reclaimer, session, real.start_round, opts.cfg.reclaim_for_s)
         try:
             reason = await drive_migration(engine, cancel_on_disconnect=True,
                                            aborts=(GuestStuck, GuestLeft, RealMemoryError),
-                                           before_done=stop_tracking, linger_s=LINGER_S)
+                                           before_done=stop_tracking, linger_s=LINGER_S, before=before)
         finally:
             session.fault_handler = None  # holds the page state and the region: let go of them now
         rounds.close()
