@@ -51,6 +51,17 @@ _CHUNK = 1 << 16
 
 
 # ------------------------------------------------------------------ guest side (child process)
+
+def _spawn_guest(main: str, spec: dict, pass_fds) -> subprocess.Popen:
+    """A guest child process running ``b_e2e.<main>(spec)`` with hintpipe from this checkout,
+    inheriting ``pass_fds``."""
+    code = (f"import sys, json; sys.path.insert(0, {str(BENCH_DIR)!r}); import b_e2e; "
+            f"b_e2e.{main}(json.loads(sys.argv[1]))")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], pass_fds=pass_fds,
+                            env=env, cwd=str(ROOT))
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -195,12 +206,7 @@ def run_pair(transport: str, mode: str, *, pages: int, n_blocks: int, runs: int,
         lst = socket.create_server(("127.0.0.1", 0))
         child_args["port"] = lst.getsockname()[1]
         pass_fds = ()
-    code = (f"import sys, json; sys.path.insert(0, {str(BENCH_DIR)!r}); import b_e2e; "
-            "b_e2e.guest_main(json.loads(sys.argv[1]))")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(child_args)], pass_fds=pass_fds,
-                             env=env, cwd=str(ROOT))
+    child = _spawn_guest("guest_main", child_args, pass_fds)
     try:
         if transport == "unix":
             guest_sock.close()
@@ -326,12 +332,7 @@ def run_walker_pair(*, pages: int, runs: int, batch: int = WALK_BATCH, min_order
 
     host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     spec = {"fd": guest_sock.fileno(), "pages": pages, "batch": batch, "min_order": min_order, "window": window}
-    code = (f"import sys, json; sys.path.insert(0, {str(BENCH_DIR)!r}); import b_e2e; "
-            "b_e2e.guest_walker_main(json.loads(sys.argv[1]))")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], pass_fds=(guest_sock.fileno(),),
-                             env=env, cwd=str(ROOT))
+    child = _spawn_guest("guest_walker_main", spec, (guest_sock.fileno(),))
     guest_sock.close()
     host_sock.settimeout(300)
     conn = HostConnection()
@@ -450,12 +451,7 @@ def run_shm(mode: str, *, pages: int, n_blocks: int, runs: int, event_idx: bool 
     host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     spec = {"mode": mode, "pages": pages, "n_blocks": n_blocks, "fd": guest_sock.fileno(),
             "event_idx": event_idx, "queue_size": queue_size}
-    code = (f"import sys, json; sys.path.insert(0, {str(BENCH_DIR)!r}); import b_e2e; "
-            "b_e2e.guest_shm_main(json.loads(sys.argv[1]))")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], pass_fds=(guest_sock.fileno(),),
-                             env=env, cwd=str(ROOT))
+    child = _spawn_guest("guest_shm_main", spec, (guest_sock.fileno(),))
     guest_sock.close()
     state = HostPageState(pages)
     state.begin_first_round()

@@ -12,33 +12,16 @@ with the reason.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from figures import hintpipe, rng  # noqa: E402  (bench/: a demo as a subprocess, a min-max cell)
 
 GUARD_KEYS = ("refused_written_pages", "stale_hint_messages", "skips_invalidated", "scan_caught_pages")
-
-
-def _span(values) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    lo, hi = min(values), max(values)
-    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
-
-
-def _demo(args: list[str]) -> tuple[dict, int, float]:
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "hintpipe", "demo", *args, "--json"], capture_output=True,
-                       text=True, cwd=ROOT)
-    if p.returncode not in (0, 1):
-        raise SystemExit(f"hintpipe demo {' '.join(args)} failed: {p.stderr.strip()}")
-    return json.loads(p.stdout), p.returncode, time.perf_counter() - t
 
 
 def _available(wp: str) -> str | None:
@@ -65,11 +48,11 @@ def guards_table(size: str, runs: int) -> None:
         guards = ["refuse-written", "stale-drop", "invalidate"] + (["scan-before-send"] if wp == "uffd-async" else [])
         for brk in [None, *guards]:
             args = ["--workload", "race", "--size", size, *mem] + ([] if brk is None else ["--break", brk, "--no-baseline"])
-            reps = [_demo(args) for _ in range(runs)]
-            g = [r[0]["guards"] for r in reps]
-            cells = [_span([x[k] for x in g]) for k in GUARD_KEYS]
-            lost = _span([r[0]["migration"]["lost_pages"] for r in reps])
-            codes = ",".join(sorted({str(r[1]) for r in reps}))
+            reps = [hintpipe("demo", *args, "--json") for _ in range(runs)]
+            g = [r["guards"] for r in reps]
+            cells = [rng([x[k] for x in g]) for k in GUARD_KEYS]
+            lost = rng([r["migration"]["lost_pages"] for r in reps])
+            codes = ",".join(sorted({str(r["_exit"]) for r in reps}))
             print(f"| `hintpipe demo {' '.join(args)}` | {' | '.join(cells)} | {lost} | {codes} |", flush=True)
 
 
@@ -103,8 +86,8 @@ def chunk_scans(size_pages: int, runs: int) -> None:
                 run = trio.run(go, clock=trio.testing.MockClock(autojump_threshold=0))
                 rows.append((run.result.pages_sent, run.wp["scans"], run.wp["scan_caught_by"]["chunk"],
                              run.result.lost_pages, run.wall_s))
-            print(f"| {kind} (seeds 1-{runs}) | {'yes' if on else 'no'} | {_span([r[0] for r in rows])} | "
-                  f"{_span([r[1] for r in rows])} | {_span([r[2] for r in rows])} | {_span([r[3] for r in rows])} | "
+            print(f"| {kind} (seeds 1-{runs}) | {'yes' if on else 'no'} | {rng([r[0] for r in rows])} | "
+                  f"{rng([r[1] for r in rows])} | {rng([r[2] for r in rows])} | {rng([r[3] for r in rows])} | "
                   f"{min(r[4] for r in rows):.1f}-{max(r[4] for r in rows):.1f} |", flush=True)
     AsyncUffdBackend.scan_chunks = True
 

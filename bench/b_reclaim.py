@@ -12,34 +12,20 @@ to 64 KiB (``--min-order 4``), to show what hints smaller than a backing page le
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from figures import hintpipe, rng  # noqa: E402  (bench/: a demo as a subprocess, a min-max cell)
 
 KEYS = ("host_rss_before_mib", "host_rss_min_mib", "host_rss_after_mib", "pages_discarded",
         "discards_refused_written", "hints_too_small", "reclaimed_fraction", "isolate_wait_ms")
 
 
-def _span(values, digits: int = 1) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    lo, hi = min(values), max(values)
-    fmt = (lambda v: f"{v:,.{digits}f}") if isinstance(lo, float) else (lambda v: f"{v:,}")
-    return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
-
-
-def _demo(args: list[str]) -> tuple[dict, int, float]:
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "hintpipe", "demo", *args, "--json"], capture_output=True,
-                       text=True, cwd=ROOT)
-    if p.returncode not in (0, 1):
-        raise SystemExit(f"hintpipe demo {' '.join(args)} failed: {p.stderr.strip()}")
-    return json.loads(p.stdout), p.returncode, time.perf_counter() - t
+FMT = {"host_rss_before_mib": "{:,.1f}", "host_rss_min_mib": "{:,.1f}", "host_rss_after_mib": "{:,.1f}",
+       "reclaimed_fraction": "{:.3f}", "isolate_wait_ms": "{:,.1f}"}
+"""How each figure is printed (the others are page counts)."""
 
 
 def main() -> None:
@@ -64,14 +50,11 @@ def main() -> None:
           "| too small | reclaimed fraction | isolate wait (ms) | lost pages | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for args in rows:
-        got = []
-        for seed in range(1, a.runs + 1):
-            rep, rc, wall = _demo([*args, "--seed", str(seed)])
-            got.append((rep, wall))
-        rs = [r["reclaim"] for r, _ in got]
-        col = {k: _span([r[k] for r in rs], 3 if k == "reclaimed_fraction" else 1) for k in KEYS}
-        lost = _span([r["migration"]["lost_pages"] for r, _ in got])
-        wall = _span([round(w, 1) for _, w in got])
+        got = [hintpipe("demo", *args, "--seed", str(seed), "--json") for seed in range(1, a.runs + 1)]
+        rs = [r["reclaim"] for r in got]
+        col = {k: rng([r[k] for r in rs], FMT.get(k, "{:,}")) for k in KEYS}
+        lost = rng([r["migration"]["lost_pages"] for r in got])
+        wall = rng([r["_wall_s"] for r in got], "{:.1f}")
         print(f"| `{' '.join(args)}` | {col['host_rss_before_mib']} / {col['host_rss_min_mib']} / "
               f"{col['host_rss_after_mib']} | {col['pages_discarded']} | {col['discards_refused_written']} | "
               f"{col['hints_too_small']} | {col['reclaimed_fraction']} | {col['isolate_wait_ms']} | {lost} | {wall} |")

@@ -21,7 +21,6 @@ import queue
 import resource
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -39,6 +38,8 @@ from hintpipe.guest.workload import WorkloadConfig
 from hintpipe.host.migration import MigrationConfig
 from hintpipe.linux import userfaultfd as uffd
 from hintpipe.protocol import Ack, FrameDecoder, Hints
+
+from procs import free_port, runtime_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULT_GUEST = str(Path(__file__).with_name("fault_guest.py"))
@@ -98,19 +99,9 @@ class Proc:
             self.p.wait()
 
 
-def _env(tmp_path) -> dict:
-    return dict(os.environ, HINTPIPE_RUNTIME_DIR=str(tmp_path))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _address(kind: str, tmp_path) -> str:
     return {"unix": f"unix:{tmp_path}/h.sock", "shm": f"shm:{tmp_path}/h.shm",
-            "tcp": f"tcp:127.0.0.1:{_free_port()}"}[kind]
+            "tcp": f"tcp:127.0.0.1:{free_port()}"}[kind]
 
 
 def _host(addr: str, env: dict, *args: str) -> Proc:
@@ -158,7 +149,7 @@ def _reported_failed(rep: dict) -> None:
 
 @pytest.mark.parametrize("kind", ["unix", "tcp", "shm"])
 def test_guests_killed_mid_batch_and_mid_round(kind, tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address(kind, tmp_path)
     host = _host(addr, env, "--guests", "3", *ROUNDS)
     try:
@@ -192,7 +183,7 @@ def _need_real(backend: str) -> None:
 @pytest.mark.parametrize("backend", ["uffd", "uffd-async", "sim"])
 def test_real_memory_guests_killed_mid_batch_and_mid_round(backend, tmp_path):
     _need_real(backend)
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address("unix", tmp_path)
     real = ["--memory", "real", "--wp", backend]
     host = _host(addr, env, "--guests", "3", *ROUNDS, "--memory", "real", "--wp", "auto")
@@ -220,7 +211,7 @@ def test_real_memory_guests_killed_mid_batch_and_mid_round(backend, tmp_path):
 
 
 def test_guests_leave_a_stopped_host_within_their_idle_bound(tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address("unix", tmp_path)
     host = _host(addr, env, "--bandwidth", "0.2")  # a slow migration: the guests are mid-way
     try:
@@ -241,7 +232,7 @@ def test_guests_leave_a_stopped_host_within_their_idle_bound(tmp_path):
 
 @pytest.mark.parametrize("kind", ["unix", "tcp", "shm"])
 def test_guests_exit_when_the_host_is_killed(kind, tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address(kind, tmp_path)
     host = _host(addr, env, "--bandwidth", "0.2")
     try:
@@ -316,8 +307,8 @@ class AckCutter:
 
 
 def test_connection_cut_between_a_hint_and_its_ack(tmp_path):
-    env = _env(tmp_path)
-    port = _free_port()
+    env = runtime_env(tmp_path)
+    port = free_port()
     host = _host(f"tcp:127.0.0.1:{port}", env, "--guests", "2", *ROUNDS)
     try:
         proxy = AckCutter(port)

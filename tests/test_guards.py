@@ -44,6 +44,8 @@ from hintpipe.inprocess import InProcessRun, migrate_guest
 from hintpipe.linux import userfaultfd as u
 from hintpipe.wp.uffd_async import AsyncUffdBackend
 
+from procs import runtime_env
+
 PAGES = 1 << 13  # 32 MiB
 SIM_GUARDS = ("refuse-written", "stale-drop", "invalidate")
 
@@ -192,9 +194,6 @@ def test_scan_before_send_exists_only_with_uffd_async(capsys):
 
 # ------------------------------------------------------------------ paired processes
 
-def _env(tmp_path) -> dict:
-    return dict(os.environ, HINTPIPE_RUNTIME_DIR=str(tmp_path))
-
 
 def test_guest_has_no_break_option(capsys):
     with pytest.raises(SystemExit) as e:
@@ -204,7 +203,7 @@ def test_guest_has_no_break_option(capsys):
 
 def test_paired_race_guest_over_unix_verified_byte_for_byte(tmp_path):
     addr = f"unix:{tmp_path}/race.sock"
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     # --wp auto: the best write-protect this kernel has (sim faults over the link at worst)
     common = ["--memory", "real", "--wp", "auto", "--bandwidth", "2", "--max-rounds", "2", "--downtime-ms", "30"]
     host = subprocess.Popen([sys.executable, "-m", "hintpipe", "host", "--listen", addr, "--json", "--guests", "1",

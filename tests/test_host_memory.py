@@ -37,6 +37,8 @@ from hintpipe.paired.mirror import INIT, MirrorReceiver
 from hintpipe.paired.region import OFF_BARRIER_ACK, OFF_BARRIER_REQ, OFF_PAUSE_REQ, SharedRegion
 from hintpipe.protocol import Error, ErrorCode, FrameDecoder, GuestConnection, ProtocolError
 
+from procs import free_port, rss_mib, runtime_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -128,21 +130,11 @@ def test_tcp_init_is_admitted_before_the_mirror_is_made():
 # ---- refusals over every transport ---------------------------------------------------------
 
 
-def _env(tmp_path) -> dict:
-    return dict(os.environ, HINTPIPE_RUNTIME_DIR=str(tmp_path))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_host(tmp_path, addr: str, *args: str, gc_off: bool = False) -> subprocess.Popen:
     pre = (["-c", "import gc, sys; gc.disable(); from hintpipe.cli import main; sys.exit(main())"]
            if gc_off else ["-m", "hintpipe"])
     host = subprocess.Popen([sys.executable, *pre, "host", "--listen", addr, "--json", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runtime_env(tmp_path))
     deadline = time.monotonic() + 20
     path = addr[5:] if addr.startswith("unix:") else (addr[4:] if addr.startswith("shm:") else None)
     while time.monotonic() < deadline:
@@ -176,12 +168,12 @@ def _read_error(sock: socket.socket, *, records: bool) -> Error:
 
 def _guest(addr: str, tmp_path, size: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hintpipe", "guest", "--connect", addr, "--size", size, *extra],
-                          cwd=ROOT, capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, env=runtime_env(tmp_path), timeout=120)
 
 
 @pytest.mark.parametrize("kind", ["unix", "tcp", "shm"])
 def test_guest_over_the_budget_is_refused_with_the_figures(kind, tmp_path):
-    addr = {"unix": f"unix:{tmp_path}/h.sock", "tcp": f"tcp:127.0.0.1:{_free_port()}", "shm": f"shm:{tmp_path}/h.shm"}[kind]
+    addr = {"unix": f"unix:{tmp_path}/h.sock", "tcp": f"tcp:127.0.0.1:{free_port()}", "shm": f"shm:{tmp_path}/h.shm"}[kind]
     # 8 MiB: a 64 MiB guest (about 1 MiB of host memory with its shm rings of 2 x 8 x 4 KiB...)
     # fits; a 2**26-page guest (about 1 GiB) does not
     host = _start_host(tmp_path, addr, "--guests", "2", "--max-memory", "8M", "--bandwidth", "20")
@@ -276,14 +268,6 @@ def test_real_memory_guest_over_the_budget_is_refused(tmp_path):
 # ---- memory handed back --------------------------------------------------------------------
 
 
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 async def _large_guest_leaves_after_a_round(path: str, pages: int) -> None:
     """A guest that shares a region of ``pages`` pages, lets the host run round 0 (it answers
     the first barrier) and leaves when the host asks for the second barrier or the pause."""
@@ -309,7 +293,7 @@ def test_host_rss_returns_after_large_guests_leave(tmp_path):
     host = _start_host(tmp_path, f"unix:{path}", "--guests", "4", "--bandwidth", "2000", gc_off=True)
     try:
         time.sleep(0.5)
-        start = _rss_mib(host.pid)
+        start = rss_mib(host.pid)
         peaks, after = [], []
         for _ in range(4):
             peak = [0.0]
@@ -318,7 +302,7 @@ def test_host_rss_returns_after_large_guests_leave(tmp_path):
                 async with trio.open_nursery() as n:
                     async def sample():
                         while True:
-                            peak[0] = max(peak[0], _rss_mib(host.pid))
+                            peak[0] = max(peak[0], rss_mib(host.pid))
                             await trio.sleep(0.01)
                     n.start_soon(sample)
                     await _large_guest_leaves_after_a_round(path, pages)
@@ -328,10 +312,10 @@ def test_host_rss_returns_after_large_guests_leave(tmp_path):
             line = host.stdout.readline()  # the host's report: the guest is done with
             assert json.loads(line)["status"] == "failed"
             deadline = time.monotonic() + 10
-            while _rss_mib(host.pid) > start + 4 and time.monotonic() < deadline:
+            while rss_mib(host.pid) > start + 4 and time.monotonic() < deadline:
                 time.sleep(0.05)  # the connection's task finishes just after the report
             peaks.append(peak[0])
-            after.append(_rss_mib(host.pid))
+            after.append(rss_mib(host.pid))
         host.communicate(timeout=30)
     finally:
         if host.poll() is None:

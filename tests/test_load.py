@@ -15,16 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from procs import rss_mib
+
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = 16
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_many_guests_at_once_all_verified(tmp_path):
@@ -39,7 +33,7 @@ def test_many_guests_at_once_all_verified(tmp_path):
             assert host.poll() is None and time.monotonic() < deadline, host.stderr.read()
             time.sleep(0.05)
         time.sleep(0.3)
-        idle_rss = _rss_mib(host.pid)
+        idle_rss = rss_mib(host.pid)
         guests = [subprocess.Popen([sys.executable, "-m", "hintpipe", "guest", "--connect", f"unix:{sock}",
                                     "--size", "8M", "--name", f"g{i}", "--seed", str(i + 1),
                                     "--workload", "churn" if i % 2 else "idle"],
@@ -54,9 +48,9 @@ def test_many_guests_at_once_all_verified(tmp_path):
             assert line, "the host stopped before reporting every guest"
             reports.append(json.loads(line))
         deadline = time.monotonic() + 10
-        while _rss_mib(host.pid) > idle_rss + 4 and time.monotonic() < deadline:
+        while rss_mib(host.pid) > idle_rss + 4 and time.monotonic() < deadline:
             time.sleep(0.1)  # the last guests' tasks release their memory just after their reports
-        end_rss = _rss_mib(host.pid)
+        end_rss = rss_mib(host.pid)
     finally:
         host.kill()
         host.wait()

@@ -25,14 +25,10 @@ from hintpipe.channel.shm import open_shm_guest
 from hintpipe.protocol import ErrorCode, FrameDecoder
 from hintpipe.protocol.messages import Error
 
+from procs import free_port, runtime_env
+
 TRANSPORTS = ["unix", "tcp", "shm"]
 SIZE = "64M"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _address(kind: str, tmp_path) -> str:
@@ -40,7 +36,7 @@ def _address(kind: str, tmp_path) -> str:
         return f"unix:{tmp_path}/hp.sock"
     if kind == "shm":
         return "shm:testlink"  # bare name: lives in $HINTPIPE_RUNTIME_DIR
-    return f"tcp:127.0.0.1:{_free_port()}"
+    return f"tcp:127.0.0.1:{free_port()}"
 
 
 class Proc:
@@ -76,12 +72,6 @@ class Proc:
         out = self.p.stdout.read() if self.p.wait(timeout) is not None else ""
         self._t.join(5)
         return self.p.returncode, out, "".join(self.err)
-
-
-def _env(tmp_path) -> dict:
-    env = dict(os.environ)
-    env["HINTPIPE_RUNTIME_DIR"] = str(tmp_path)
-    return env
 
 
 def _socket_path(addr: str, tmp_path) -> str | None:
@@ -177,7 +167,7 @@ def _guest(addr: str, env, name: str, *extra: str) -> Proc:
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_host_serves_garbage_killed_and_concurrent_guests(kind, tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address(kind, tmp_path)
     # 64 MiB at 1 Gbit/s: about 0.5 s per round, long enough to kill a guest mid-migration
     host = Proc(["host", "--listen", addr, "--guests", "3", "--json", "--bandwidth", "1",
@@ -222,7 +212,7 @@ def test_host_serves_garbage_killed_and_concurrent_guests(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_sigint_stops_host_cleanly_mid_migration(kind, tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address(kind, tmp_path)
     host = Proc(["host", "--listen", addr, "--json", "--bandwidth", "0.5"], env)
     _wait_listening(addr, tmp_path, host)
@@ -244,7 +234,7 @@ def test_sigint_stops_host_cleanly_mid_migration(kind, tmp_path):
 
 
 def test_tcp_secret_is_required_and_accepted(tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address("tcp", tmp_path)
     host = Proc(["host", "--listen", addr, "--guests", "1", "--json", "--bandwidth", "20",
                  "--secret", "correct-horse"], env)
@@ -264,7 +254,7 @@ def test_tcp_secret_is_required_and_accepted(tmp_path):
 
 
 def test_a_stopped_guest_times_out_without_stalling_another(tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address("unix", tmp_path)
     host = Proc(["host", "--listen", addr, "--guests", "2", "--json", "--bandwidth", "1",
                  "--guest-timeout", "1"], env)
@@ -287,7 +277,7 @@ def test_a_stopped_guest_times_out_without_stalling_another(tmp_path):
 
 
 def test_each_side_decides_its_own_options_and_says_what_it_ignores(tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address("unix", tmp_path)
     # the same options given to both: size and workload are the guest's, bandwidth the host's
     both = ["--size", "1G", "--workload", "idle", "--bandwidth", "40"]
@@ -305,7 +295,7 @@ def test_each_side_decides_its_own_options_and_says_what_it_ignores(tmp_path):
 
 
 def test_a_second_host_on_a_live_socket_is_refused_and_costs_no_guest_id(tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address("unix", tmp_path)
     first = Proc(["host", "--listen", addr, "--guests", "1", "--json", "--bandwidth", "40"], env)
     _wait_listening(addr, tmp_path, first)
@@ -321,7 +311,7 @@ def test_a_second_host_on_a_live_socket_is_refused_and_costs_no_guest_id(tmp_pat
 
 
 def test_ctrl_c_stops_a_guest_with_130_and_a_host_with_guests_left_with_130(tmp_path):
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     addr = _address("unix", tmp_path)
     host = Proc(["host", "--listen", addr, "--guests", "2", "--json", "--bandwidth", "0.5"], env)
     _wait_listening(addr, tmp_path, host)

@@ -29,6 +29,8 @@ from hintpipe.paired.handoff import (
     receive_handoff, send_handoff,
 )
 
+from procs import runtime_env
+
 SIZE = "64M"
 FAST = ["--bandwidth", "40"]  # 64 MiB in ~15 ms of link time per round: the test is quick
 TIMEOUT_S = 120
@@ -41,17 +43,13 @@ def _need(backend: str) -> None:
         pytest.skip(f"{backend} unavailable here: {e.reason}")
 
 
-def _env(tmp_path) -> dict:
-    return dict(os.environ, HINTPIPE_RUNTIME_DIR=str(tmp_path))
-
-
 def _socket_path(addr: str, tmp_path) -> str:
     return addr[5:] if addr.startswith("unix:") else f"{tmp_path}/hintpipe-{addr[4:]}.shm.sock"
 
 
 def _pair(tmp_path, addr: str, host_wp: str, guest_wp: str, *, guests: int | None = 1):
     """Run one host and one guest; return (host rc, host reports, guest rc, guest stderr)."""
-    env = _env(tmp_path)
+    env = runtime_env(tmp_path)
     h_args = ["host", "--listen", addr, "--json", "--memory", "real", "--wp", host_wp, *FAST]
     if guests is not None:
         h_args += ["--guests", str(guests)]

@@ -47,19 +47,25 @@ def hints_frames(guest: GuestConnection, cmd_id: int, n_frames: int, per_frame: 
     return out, starts
 
 
-async def test_frames_read_together_are_acked_once_and_applied_before_reads():
-    ep = ScriptedEndpoint()
+async def _in_a_round(ep: ScriptedEndpoint) -> tuple[HostSession, GuestConnection, int]:
+    """A session past its handshake with a round started, and the guest's connection in it."""
     session = HostSession(ep)
     guest = GuestConnection()
     await ep.incoming.send(guest.hello(1 << 16, window=64))
+    await session.handshake()
+    guest.receive_data(ep.sent[-1])
+    assert isinstance(guest.next_event(), Welcome)
+    session.state.begin_first_round()
+    cmd_id = await session.start_round()
+    guest.receive_data(ep.sent[-1])
+    assert isinstance(guest.next_event(), StartRound)
+    return session, guest, cmd_id
+
+
+async def test_frames_read_together_are_acked_once_and_applied_before_reads():
+    ep = ScriptedEndpoint()
     async with trio.open_nursery() as nursery:
-        await session.handshake()
-        guest.receive_data(ep.sent[-1])
-        assert isinstance(guest.next_event(), Welcome)
-        session.state.begin_first_round()
-        cmd_id = await session.start_round()
-        guest.receive_data(ep.sent[-1])
-        assert isinstance(guest.next_event(), StartRound)
+        session, guest, cmd_id = await _in_a_round(ep)
         nursery.start_soon(session.serve)
         n_before = len(ep.sent)
         data, starts = hints_frames(guest, cmd_id, n_frames=10, per_frame=32)
@@ -84,17 +90,8 @@ async def test_frames_read_together_are_acked_once_and_applied_before_reads():
 
 async def test_frames_read_one_by_one_are_acked_one_by_one():
     ep = ScriptedEndpoint()
-    session = HostSession(ep)
-    guest = GuestConnection()
-    await ep.incoming.send(guest.hello(1 << 16, window=64))
     async with trio.open_nursery() as nursery:
-        await session.handshake()
-        guest.receive_data(ep.sent[-1])
-        guest.next_event()
-        session.state.begin_first_round()
-        cmd_id = await session.start_round()
-        guest.receive_data(ep.sent[-1])
-        guest.next_event()
+        session, guest, cmd_id = await _in_a_round(ep)
         nursery.start_soon(session.serve)
         n_before = len(ep.sent)
         starts = np.arange(3, dtype=np.uint64) * 1024

@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import numpy as np
 import trio
@@ -44,6 +44,9 @@ import trio
 from hintpipe.host.pagestate import HostPageState
 from hintpipe.linux.backing import punch_runs, resident_bytes
 from hintpipe.units import PAGE_SIZE, order_pages, page_runs, run_pages
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hintpipe.host.session import HostSession
 
 __all__ = ["BackedPageState", "ReclaimFigures", "Reclaimer", "reclaim_refusal", "DISCARD_CHUNK_UNITS",
            "DISCARD_INTERVAL_S", "RECLAIM_ROUND_S", "reclaim_rounds"]
@@ -75,7 +78,7 @@ def reclaim_refusal(*, memory: str, wp: str, race_mode: str, hinting: bool = Tru
     return None
 
 
-def reclaim_rounds(reclaimer: "Reclaimer", session, start_round: Callable[[int], Awaitable[None] | None],
+def reclaim_rounds(reclaimer: "Reclaimer", session: "HostSession", start_round: Callable[[int], Awaitable[None] | None],
                    seconds: float) -> Callable[[], Awaitable[None]]:
     """Reclaim before any migration (``--reclaim-for``): a coroutine function that, for ``seconds``
     of the guest's time, runs hinting rounds of the host's own (:data:`RECLAIM_ROUND_S` each) on
